@@ -1,0 +1,110 @@
+r"""LLaVA-style vision-language presets.
+
+  python main.py --config=configs/llava.py:tiny --workdir=/tmp/tiny
+  python main.py --config=configs/llava.py:7b,stage=pretrain --dry_run
+  python main.py --config=configs/llava.py:7b,stage=finetune --config.optim.lr=1e-5 ...
+
+The arg is `<preset>[,stage=<full|pretrain|finetune>]`. Presets: tiny (CPU, minutes),
+1b (CLIP ViT-L/14-336 + a 1.1B LLaMA: the benchmark shape), 7b (LLaVA-1.5-7B), 13b
+(LLaVA-1.5-13B). Stages follow LLaVA-1.5 (Liu et al. 2023, Table 9): pretrain trains the
+projector only at lr 1e-3; finetune also trains the decoder at lr 2e-5; full trains all.
+"""
+
+import ml_collections
+
+# CLIP ViT-L/14 at 336 px, features from the second-to-last layer, patch tokens only.
+_CLIP_L_336 = dict(kind="clip", image_size=336, patch_size=14, width=1024, depth=24, heads=16,
+                   mlp_dim=4096, feature_layer=-2, feature_select="patch")
+
+_PRESETS = {
+    "tiny": dict(
+        vision=dict(kind="clip", image_size=32, patch_size=8, width=64, depth=2, heads=4,
+                    mlp_dim=128, feature_layer=-1),
+        projector=dict(kind="mlp2x_gelu"),
+        decoder=dict(vocab_size=128, width=128, depth=2, heads=4, kv_heads=2, mlp_dim=256),
+        image_token_id=128, dtype="float32",
+        data=dict(seq_len=32, num_train=20000, num_eval=512),
+        train=dict(steps=400, batch_size=32, log_every=20),
+        optim=dict(lr=2e-3, warmup_steps=20, weight_decay=0.0),
+        checkpoint=dict(every=200),
+    ),
+    "1b": dict(  # TinyLlama-1.1B shape.
+        vision=_CLIP_L_336,
+        decoder=dict(vocab_size=32000, width=2048, depth=22, heads=32, kv_heads=4,
+                     mlp_dim=5632),
+    ),
+    "7b": dict(  # LLaVA-1.5-7B: Vicuna-7B (LLaMA-2-7B shape).
+        vision=_CLIP_L_336,
+        decoder=dict(vocab_size=32000, width=4096, depth=32, heads=32, kv_heads=32,
+                     mlp_dim=11008),
+    ),
+    "13b": dict(  # LLaVA-1.5-13B: Vicuna-13B.
+        vision=_CLIP_L_336,
+        decoder=dict(vocab_size=32000, width=5120, depth=40, heads=40, kv_heads=40,
+                     mlp_dim=13824),
+    ),
+}
+
+_STAGES = {
+    "full": dict(freeze=()),
+    "pretrain": dict(freeze=(r"^towers/", r"^decoder/"), lr=1e-3, task="caption"),
+    "finetune": dict(freeze=(r"^towers/",), lr=2e-5, task="qa"),
+}
+
+
+def _parse(arg: str) -> tuple[str, str]:
+  preset, *rest = (arg or "tiny").split(",")
+  options = dict(kv.split("=", 1) for kv in rest)
+  unknown = set(options) - {"stage"}
+  if unknown:
+    raise ValueError(f"configs/llava.py: unknown option(s) {sorted(unknown)} in {arg!r}")
+  if preset not in _PRESETS:
+    raise ValueError(f"configs/llava.py: unknown preset {preset!r}; known {sorted(_PRESETS)}")
+  stage = options.get("stage", "full")
+  if stage not in _STAGES:
+    raise ValueError(f"configs/llava.py: unknown stage {stage!r}; known {sorted(_STAGES)}")
+  return preset, stage
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  preset_name, stage_name = _parse(arg)
+  preset, stage = _PRESETS[preset_name], _STAGES[stage_name]
+  big = preset_name != "tiny"
+  c = ml_collections.ConfigDict()
+  c.name = preset_name
+  c.stage = stage_name
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vision = dict(preset["vision"])
+  c.model.projector = {"kind": "mlp2x_gelu", "depth": 2, **preset.get("projector", {})}
+  c.model.decoder = {"rope_theta": 10000.0, "norm_eps": 1e-5, "tie_embeddings": False,
+                     "head_dim": 0, **preset["decoder"]}
+  c.model.image_token_id = preset.get("image_token_id", 32000)
+  c.model.attention = "auto"
+  c.model.merge = "auto"
+  c.model.dtype = preset.get("dtype", "bfloat16")
+  c.model.param_dtype = "float32"
+  c.model.remat = big
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,
+      num_train=20000, num_eval=512, seed=0, worker_count=0))
+  c.data.update(preset.get("data", {}))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-5, warmup_steps=30, schedule="cosine", min_lr_ratio=0.0, weight_decay=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze=()))
+  c.optim.update(preset.get("optim", {}))
+  c.optim.freeze = tuple(stage["freeze"])
+  if "lr" in stage and big:  # The tiny model learns from scratch: keep its own lr.
+    c.optim.lr = stage["lr"]
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=5000, batch_size=128, seed=0, log_every=10, eval_every=0, eval_batches=0))
+  c.train.update(preset.get("train", {}))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+  c.checkpoint.update(preset.get("checkpoint", {}))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if not big
+                                     else dict(data=1, fsdp=-1, tensor=1))
+  c.lock()
+  return c

@@ -1,0 +1,30 @@
+"""mm_jax entry point: flags -> config -> mm_jax.run.main.
+
+  python main.py --config=configs/llava.py:tiny --workdir=/tmp/tiny
+  python main.py --config=configs/llava.py:7b,stage=pretrain --dry_run
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/llava.py:tiny", "Run config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build abstractly, print parameter counts.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host GPU/TPU).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from mm_jax import run
+
+  run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

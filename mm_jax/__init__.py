@@ -1,0 +1,1 @@
+"""mm_jax: multimodal language model training in JAX / Flax NNX."""

@@ -1,0 +1,303 @@
+"""Typed, frozen run configuration: the ONE place an ml_collections ConfigDict becomes types.
+
+`from_config_dict(cd)` walks the dataclasses below, rejects unknown keys, checks types and
+values, and names the offending key (`config.optim.lr`) in every error. Modules receive
+only the dataclass they need (e.g. `VisionConfig`), never the root config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
+MERGE_IMPLS = ("xla", "pallas", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message starts with the full key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"{key}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """A CLIP or SigLIP vision tower (ViT)."""
+
+  kind: str = "clip"  # clip (class token, pre-LN, quick_gelu) | siglip (no class token, gelu-tanh)
+  image_size: int = 224
+  patch_size: int = 14
+  width: int = 1024
+  depth: int = 24
+  heads: int = 16
+  mlp_dim: int = 4096
+  layer_norm_eps: float = 1e-5
+  # hidden_states index as in transformers: 0 = embeddings, i = after layer i, -1 = last layer.
+  feature_layer: int = -2
+  feature_select: str = "patch"  # patch | cls_patch (CLIP only)
+  # Per-channel normalisation the data pipeline applies (CLIP's defaults).
+  mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+  std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def tokens_per_image(self) -> int:
+    """Rows the tower hands to the projector for one image."""
+    return self.num_patches + (1 if self.feature_select == "cls_patch" else 0)
+
+  def validate(self, key: str) -> None:
+    _check(self.kind in ("clip", "siglip"), f"{key}.kind", f"must be clip|siglip, got {self.kind!r}")
+    _check(self.image_size % self.patch_size == 0, f"{key}.image_size",
+           f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
+    _check(self.width % self.heads == 0, f"{key}.width", f"{self.width} not divisible by heads")
+    _check(-self.depth - 1 <= self.feature_layer <= self.depth, f"{key}.feature_layer",
+           f"{self.feature_layer} outside [-{self.depth + 1}, {self.depth}]")
+    _check(self.feature_select in ("patch", "cls_patch"), f"{key}.feature_select",
+           f"must be patch|cls_patch, got {self.feature_select!r}")
+    _check(self.kind == "clip" or self.feature_select == "patch", f"{key}.feature_select",
+           "cls_patch needs a class token (kind=clip)")
+    _check(len(self.mean) == 3 and len(self.std) == 3, f"{key}.mean", "mean/std need 3 values")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+  kind: str = "mlp2x_gelu"  # linear | mlp2x_gelu | residual_mlp
+  depth: int = 2  # residual blocks for residual_mlp
+
+  def validate(self, key: str) -> None:
+    _check(self.kind in ("linear", "mlp2x_gelu", "residual_mlp"), f"{key}.kind",
+           f"must be linear|mlp2x_gelu|residual_mlp, got {self.kind!r}")
+    _check(self.depth >= 1, f"{key}.depth", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A LLaMA-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+  vocab_size: int = 32000
+  width: int = 4096
+  depth: int = 32
+  heads: int = 32
+  kv_heads: int = 32
+  head_dim: int = 0  # 0: width // heads
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.width // self.heads
+
+  def validate(self, key: str) -> None:
+    for name in ("vocab_size", "width", "depth", "heads", "kv_heads", "mlp_dim"):
+      _check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
+    _check(self.heads % self.kv_heads == 0, f"{key}.heads",
+           f"{self.heads} heads not a multiple of kv_heads {self.kv_heads}")
+    _check(self.head_dim > 0 or self.width % self.heads == 0, f"{key}.width",
+           "not divisible by heads; set head_dim")
+    _check(self.rope_theta > 0, f"{key}.rope_theta", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: VisionConfig = VisionConfig()
+  projector: ProjectorConfig = ProjectorConfig()
+  decoder: DecoderConfig = DecoderConfig()
+  # Placeholder id of `<image>`; may lie outside the vocabulary (LLaVA's sentinel style):
+  # placeholder positions are never looked up in the embedding table.
+  image_token_id: int = 32000
+  attention: str = "auto"
+  merge: str = "auto"
+  dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each transformer block in the backward pass
+
+  def validate(self, key: str) -> None:
+    self.vision.validate(f"{key}.vision")
+    self.projector.validate(f"{key}.projector")
+    self.decoder.validate(f"{key}.decoder")
+    _check(self.attention in ATTENTION_IMPLS, f"{key}.attention",
+           f"must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    _check(self.merge in MERGE_IMPLS, f"{key}.merge",
+           f"must be one of {MERGE_IMPLS}, got {self.merge!r}")
+    _check(self.dtype in DTYPES, f"{key}.dtype", f"must be one of {DTYPES}")
+    _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")
+    _check(self.image_token_id >= 0, f"{key}.image_token_id", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "synthetic"  # synthetic (llava_json and tfds: issue 4)
+  task: str = "qa"  # qa (stage 2 style) | caption (stage 1 style)
+  seq_len: int = 64
+  images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
+  num_train: int = 20000
+  num_eval: int = 512
+  seed: int = 0
+  worker_count: int = 0  # grain worker processes (0: decode in the main process)
+
+  def validate(self, key: str) -> None:
+    _check(self.source in ("synthetic",), f"{key}.source", f"unknown source {self.source!r}")
+    _check(self.task in ("qa", "caption"), f"{key}.task", f"must be qa|caption, got {self.task!r}")
+    _check(self.seq_len > 0, f"{key}.seq_len", "must be positive")
+    _check(self.images_per_sample >= 1, f"{key}.images_per_sample", "must be >= 1")
+    _check(self.num_train > 0 and self.num_eval > 0, f"{key}.num_train", "splits must be non-empty")
+    _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 2e-5
+  warmup_steps: int = 0
+  schedule: str = "cosine"  # cosine | constant (after warmup)
+  min_lr_ratio: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # 0 disables global-norm clipping
+  grad_accum: int = 1  # micro-batches per optimizer step
+  # Regexes over parameter paths ("decoder/layers/3/mlp/up/kernel"); a match is frozen:
+  # no gradient and no optimizer state.
+  freeze: tuple[str, ...] = ()
+
+  def validate(self, key: str) -> None:
+    _check(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
+    _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+    _check(self.schedule in ("cosine", "constant"), f"{key}.schedule", "must be cosine|constant")
+    _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be in [0, 1]")
+    _check(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
+    _check(self.clip_norm >= 0, f"{key}.clip_norm", "must be >= 0")
+    for i, pattern in enumerate(self.freeze):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f"{key}.freeze[{i}]: bad regex {pattern!r}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 32  # global, per optimizer step
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0  # 0: only at the end
+  eval_batches: int = 0  # 0: the whole held-out split
+
+  def validate(self, key: str) -> None:
+    _check(self.steps > 0, f"{key}.steps", "must be positive")
+    _check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
+    _check(self.log_every > 0, f"{key}.log_every", "must be positive")
+    _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 500
+  keep: int = 3
+  async_save: bool = True
+
+  def validate(self, key: str) -> None:
+    _check(self.every > 0, f"{key}.every", "must be positive")
+    _check(self.keep > 0, f"{key}.keep", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh ("data", "fsdp", "tensor"); one size may be -1 (the remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+  def validate(self, key: str) -> None:
+    _check(sum(s == -1 for s in self.shape) <= 1, key, "at most one axis may be -1")
+    _check(all(s == -1 or s >= 1 for s in self.shape), key, "sizes must be >= 1 or -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "tiny"
+  stage: str = "full"  # full | pretrain | finetune
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def validate(self, key: str = "config") -> None:
+    _check(self.stage in ("full", "pretrain", "finetune"), f"{key}.stage",
+           f"must be full|pretrain|finetune, got {self.stage!r}")
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if dataclasses.is_dataclass(value):
+        value.validate(f"{key}.{f.name}")
+    _check(self.train.batch_size % self.optim.grad_accum == 0, f"{key}.optim.grad_accum",
+           f"{self.optim.grad_accum} does not divide train.batch_size {self.train.batch_size}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+  """Returns `value` as type `hint`, or raises ConfigError naming `key`."""
+  origin = typing.get_origin(hint)
+  if dataclasses.is_dataclass(hint):
+    _check(isinstance(value, Mapping), key, f"expected a group of fields, got {value!r}")
+    return _build(hint, value, key)
+  if origin is tuple:
+    _check(isinstance(value, (tuple, list)), key, f"expected a tuple, got {value!r}")
+    (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+    return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+  if origin in (typing.Union, types.UnionType):
+    for arg in typing.get_args(hint):
+      if arg is type(None) and value is None:
+        return None
+    hint = next(a for a in typing.get_args(hint) if a is not type(None))
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint is bool:
+    _check(isinstance(value, bool), key, f"expected a bool, got {value!r}")
+  elif hint is int:
+    _check(isinstance(value, int) and not isinstance(value, bool), key,
+           f"expected an int, got {value!r}")
+  else:
+    _check(isinstance(value, hint), key, f"expected {hint.__name__}, got {value!r}")
+  return value
+
+
+def _build(cls: type, values: Mapping[str, Any], key: str) -> Any:
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  _check(not unknown, f"{key}.{unknown[0]}" if unknown else key,
+         f"unknown key (known: {', '.join(sorted(names))})")
+  kwargs = {k: _coerce(v, hints[k], f"{key}.{k}") for k, v in values.items()}
+  return cls(**kwargs)
+
+
+def from_config_dict(cd: Any) -> Config:
+  """ConfigDict (or plain nested dict) -> validated, frozen `Config`."""
+  values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  config = _build(Config, values, "config")
+  config.validate()
+  return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+  """JSON-ready dict (written to workdir/config.json)."""
+  return dataclasses.asdict(config)

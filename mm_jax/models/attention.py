@@ -1,0 +1,54 @@
+"""Attention backend switch: `model.attention = xla | cudnn | pallas | auto`.
+
+All backends take q float[B, T, N, H], k/v float[B, S, K, H] (N a multiple of K) and
+segment_ids int32[B, T] (packed samples; a token attends only inside its own segment).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+  """Maps `auto` to a concrete backend for the current platform."""
+  platform = platform or jax.default_backend()
+  if impl == "auto":
+    # Pallas becomes the GPU/TPU default once its kernel lands (issue 3).
+    return "cudnn" if platform == "gpu" else "xla"
+  if impl == "pallas":
+    raise NotImplementedError("model.attention=pallas: the fused Pallas kernel is issue 3; "
+                              "use xla, cudnn or auto")
+  if impl == "cudnn" and platform != "gpu":
+    raise ValueError(f"model.attention=cudnn needs a GPU, this is {platform}")
+  return impl
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
+  """bool[B, 1, T, S]: true where query and key belong to the same packed sample."""
+  return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
+           causal: bool, impl: str) -> jax.Array:
+  """float[B, T, N, H] attention output; softmax in float32 inside the backends."""
+  mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids)
+  with jax.named_scope(f"attention_{impl}"):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation=resolve(impl))
+
+
+def attend_reference(q, k, v, *, segment_ids=None, causal=True):
+  """Plain jnp attention in float32, for tests."""
+  n, kh = q.shape[2], k.shape[2]
+  k = jnp.repeat(k, n // kh, axis=2).astype(jnp.float32)
+  v = jnp.repeat(v, n // kh, axis=2).astype(jnp.float32)
+  logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k) / jnp.sqrt(q.shape[-1])
+  t, s = q.shape[1], k.shape[1]
+  allowed = jnp.ones((1, 1, t, s), bool)
+  if causal:
+    allowed = allowed & jnp.tril(jnp.ones((t, s), bool))[None, None]
+  if segment_ids is not None:
+    allowed = allowed & segment_mask(segment_ids, segment_ids)
+  logits = jnp.where(allowed, logits, -1e30)
+  return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, -1), v).astype(q.dtype)

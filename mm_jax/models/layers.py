@@ -1,0 +1,109 @@
+"""Small NNX building blocks shared by the towers and the decoder.
+
+Every parameter carries `logical_axes` metadata (names from the table in
+`mm_jax/sharding.py`); model code never names mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x . W (+ b), contracting x's trailing `in_shape` dims into `out_shape` dims.
+
+  kernel float[*in_shape, *out_shape] with `axes` naming every kernel dim; e.g. the query
+  projection is Dense((D,), (N, H), ("embed", "heads", "head_dim")): "BTD,DNH->BTNH".
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+               axes: Sequence[str | None], *, use_bias: bool, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32, std: float | None = None):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    fan_in = math.prod(in_shape)
+    init = jax.nn.initializers.normal(std if std is not None else fan_in**-0.5)
+    self.kernel = param(rngs, init, in_shape + out_shape, axes, param_dtype)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, out_shape, axes[len(in_shape):],
+                       param_dtype) if use_bias else None)
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    n = self.n_in
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                            ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 (CLIP and SigLIP towers)."""
+
+  def __init__(self, dim: int, axis_name: str, *, eps: float, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axis_name,), param_dtype)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), (axis_name,), param_dtype)
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32 (LLaMA): x / rms(x) * scale."""
+
+  def __init__(self, dim: int, axis_name: str, *, eps: float, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (axis_name,), param_dtype)
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, "rotate half" layout (as LLaMA in transformers).
+
+  x float[B, T, N, H], positions int32[B, T]; computed in float32.
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)

@@ -1,0 +1,99 @@
+"""CLIP and SigLIP vision towers (ViT), with LLaVA's feature-layer selection.
+
+CLIP (Radford et al. 2021): class token, pre-LN before the encoder, quick_gelu.
+SigLIP (Zhai et al. 2023): no class token, bias on the patch embedding, gelu-tanh.
+Both: pre-LN transformer blocks; `hidden_states` index as in transformers (0 =
+embeddings, i = after block i); the final LayerNorm only feeds `last_hidden_state`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mm_jax.config import VisionConfig
+from mm_jax.models import attention
+from mm_jax.models.layers import ACTIVATIONS, Dense, LayerNorm, param
+
+
+class VisionBlock(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+  def __init__(self, cfg: VisionConfig, *, attention_impl: str, rngs: nnx.Rngs, dtype,
+               param_dtype):
+    d, n = cfg.width, cfg.heads
+    h = d // n
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.ln1 = LayerNorm(d, "vision_embed", eps=cfg.layer_norm_eps, **kw)
+    self.q = Dense((d,), (n, h), ("vision_embed", "vision_heads", "head_dim"), use_bias=True, **kw)
+    self.k = Dense((d,), (n, h), ("vision_embed", "vision_heads", "head_dim"), use_bias=True, **kw)
+    self.v = Dense((d,), (n, h), ("vision_embed", "vision_heads", "head_dim"), use_bias=True, **kw)
+    self.o = Dense((n, h), (d,), ("vision_heads", "head_dim", "vision_embed"), use_bias=True, **kw)
+    self.ln2 = LayerNorm(d, "vision_embed", eps=cfg.layer_norm_eps, **kw)
+    self.fc1 = Dense((d,), (cfg.mlp_dim,), ("vision_embed", "vision_mlp"), use_bias=True, **kw)
+    self.fc2 = Dense((cfg.mlp_dim,), (d,), ("vision_mlp", "vision_embed"), use_bias=True, **kw)
+    self.act = "quick_gelu" if cfg.kind == "clip" else "gelu_tanh"
+    self.attention_impl = attention_impl
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[M, P, D] -> float[M, P, D]."""
+    y = self.ln1(x)
+    out = attention.attend(self.q(y), self.k(y), self.v(y), segment_ids=None, causal=False,
+                           impl=self.attention_impl)
+    x = x + self.o(out)
+    return x + self.fc2(ACTIVATIONS[self.act](self.fc1(self.ln2(x))))
+
+
+class VisionTower(nnx.Module):
+  """images float[M, H, W, 3] (normalised) -> features float[M, P', D_v]."""
+
+  def __init__(self, cfg: VisionConfig, *, attention_impl: str = "xla", remat: bool = False,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.cfg = cfg
+    d, p = cfg.width, cfg.patch_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    clip = cfg.kind == "clip"
+    self.patch = Dense((p, p, 3), (d,), (None, None, None, "vision_embed"), use_bias=not clip,
+                       **kw)
+    init = jax.nn.initializers.normal(0.02)
+    self.cls = param(rngs, init, (d,), ("vision_embed",), param_dtype) if clip else None
+    self.pos = param(rngs, init, (cfg.num_patches + clip, d), (None, "vision_embed"), param_dtype)
+    self.pre_ln = LayerNorm(d, "vision_embed", eps=cfg.layer_norm_eps, **kw) if clip else None
+    self.blocks = nnx.List([VisionBlock(cfg, attention_impl=attention_impl, **kw)
+                            for _ in range(cfg.depth)])
+    self.post_ln = LayerNorm(d, "vision_embed", eps=cfg.layer_norm_eps, **kw)
+    self.remat, self.dtype = remat, dtype
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """float[M, H, W, 3] -> float[M, P(+1), D]: hidden_states[0]."""
+    m, hh, ww, c = images.shape
+    p = self.cfg.patch_size
+    patches = images.reshape(m, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = self.patch(patches.reshape(m, -1, p, p, c))  # "MPppc,ppcD->MPD"
+    if self.cls is not None:
+      cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (m, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.pos[...].astype(x.dtype)
+    return self.pre_ln(x) if self.pre_ln is not None else x
+
+  def hidden_states(self, images: jax.Array, upto: int | None = None) -> list[jax.Array]:
+    """[embeddings, after block 1, ..., after block `upto`] (default: all blocks)."""
+    upto = len(self.blocks) if upto is None else upto
+    states = [self.embed(images)]
+    for block in list(self.blocks)[:upto]:
+      call = nnx.remat(lambda b, x: b(x)) if self.remat else (lambda b, x: b(x))
+      with jax.named_scope("vision_block"):
+        states.append(call(block, states[-1]))
+    return states
+
+  def last_hidden_state(self, images: jax.Array) -> jax.Array:
+    return self.post_ln(self.hidden_states(images)[-1])
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """LLaVA features: hidden_states[feature_layer], class token dropped for `patch`."""
+    layer = self.cfg.feature_layer % (self.cfg.depth + 1)
+    x = self.hidden_states(images, upto=layer)[layer]
+    if self.cls is not None and self.cfg.feature_select == "patch":
+      x = x[:, 1:]
+    return x

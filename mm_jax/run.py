@@ -1,0 +1,39 @@
+"""The one function main.py calls: typed config -> dry run, train or eval."""
+
+from __future__ import annotations
+
+import jax
+
+from mm_jax import config as config_lib
+from mm_jax import sharding
+
+
+def dry_run(cfg: config_lib.Config) -> dict[str, int]:
+  """Builds the model abstractly (no weights allocated) and prints parameter counts."""
+  from mm_jax.train import state as state_lib
+
+  built = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
+  counts = state_lib.param_counts(built.abstract)
+  rows = [(k, v) for k, v in counts.items() if "/" in k or k == "decoder"]
+  rows += [("total", counts["total"]), (f"trainable (stage={cfg.stage})", counts["trainable"])]
+  for name, n in rows:
+    print(f"{name:32s} {n:>16,d}  ({n / 1e9:.3f}B)")
+  return counts
+
+
+def main(cd, workdir: str | None, mode: str = "train", dry: bool = False) -> dict:
+  cfg = config_lib.from_config_dict(cd)
+  if dry:
+    return dry_run(cfg)
+  if not workdir:
+    raise ValueError("--workdir is required unless --dry_run")
+  from mm_jax.train import loop
+
+  if jax.process_index() == 0:
+    print(f"mm_jax: {cfg.name} stage={cfg.stage} mode={mode} on {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s)", flush=True)
+  if mode == "train":
+    return loop.train(cfg, workdir)
+  if mode == "eval":
+    return loop.evaluate(cfg, workdir)
+  raise ValueError(f"--mode={mode}: expected train or eval")

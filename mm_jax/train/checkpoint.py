@@ -1,0 +1,61 @@
+"""Orbax checkpoints of (train state, data iterator position), async and atomic.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash
+mid-save leaves the previous checkpoint intact; `wait()` is called before the process
+exits on every path (see loop.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from mm_jax.config import CheckpointConfig
+
+
+class Checkpointer:
+  def __init__(self, directory: str, cfg: CheckpointConfig):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=cfg.every, max_to_keep=cfg.keep,
+        enable_async_checkpointing=cfg.async_save, create=True)
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether it saved."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iterator))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, target, data_iterator=None):
+    """Restores the state into `target`'s shapes and shardings (any mesh), and the
+    iterator position in place. `target`: pytree of jax.ShapeDtypeStruct with shardings."""
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_target(abstract, shardings):
+  """ShapeDtypeStructs carrying the shardings the restored arrays must have."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)

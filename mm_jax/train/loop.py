@@ -1,0 +1,143 @@
+"""run(): mesh -> data -> state -> restore -> loop -> hooks. Reads top to bottom."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+
+from mm_jax import config as config_lib
+from mm_jax import sharding
+from mm_jax.config import Config
+from mm_jax.data import pipeline
+from mm_jax.train import metrics as metrics_lib
+from mm_jax.train import state as state_lib
+from mm_jax.train.checkpoint import Checkpointer, restore_target
+from mm_jax.train.step import eval_step, train_step
+
+
+def batch_shardings(mesh, spec: pipeline.RowSpec, batch: int) -> dict:
+  return {k: sharding.batch_sharding(mesh, len(shape))
+          for k, (shape, _) in pipeline.batch_shapes(spec, batch).items()}
+
+
+def row_spec(cfg: Config) -> pipeline.RowSpec:
+  return pipeline.RowSpec.create(cfg.data, cfg.model.vision, cfg.model.image_token_id)
+
+
+def write_config(cfg: Config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_lib.to_dict(cfg), f, indent=2)
+
+
+def train(cfg: Config, workdir: str) -> dict:
+  """Trains to `cfg.train.steps`, resuming from the latest checkpoint in `workdir`."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  write_config(cfg, workdir)
+  built = state_lib.build(cfg, mesh)
+  spec, total = row_spec(cfg), cfg.train.steps
+  data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
+                                 seed=cfg.train.seed)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+  start = ckpt.latest_step() or 0
+  with jax.set_mesh(mesh):
+    if start:
+      metrics_lib.log(f"resuming from step {start} in {workdir}")
+      state = ckpt.restore(start, restore_target(built.abstract, built.shardings), data)
+    else:
+      state = state_lib.initialise(built)
+  batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
+  step_fn = jax.jit(functools.partial(train_step, built.fns),
+                    in_shardings=(built.shardings, batch_sh),
+                    out_shardings=(built.shardings, None), donate_argnums=0)
+  counts = state_lib.param_counts(built.abstract)
+  flops = metrics_lib.flops_per_step(cfg.model, cfg.train.batch_size, spec.seq_len,
+                                     cfg.train.batch_size * spec.images_per_sample, counts)
+  peak = metrics_lib.peak_flops_per_device()
+  writer = metrics_lib.MetricsWriter(workdir)
+  speed = metrics_lib.Throughput(start, total)
+  last: dict = {}
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, total):
+        local = next(data)
+        speed.add(int((local["segment_ids"] > 0).sum()) * jax.process_count())
+        state, m = step_fn(state, pipeline.global_batch(local, batch_sh))
+        n = step + 1
+        if n % cfg.train.log_every == 0 or n == total:
+          last = {**jax.device_get(m), **speed.report(n), "data/skipped": 0}
+          last["mfu"] = (flops / last["step_time_s"] / (peak * jax.device_count())
+                         if peak else None)
+          writer.write(n, last)
+          metrics_lib.log(metrics_lib.progress_line(n, total, last))
+        if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total:
+          writer.write(n, evaluate_state(cfg, built, state, mesh))
+        if n < total:
+          ckpt.save(n, state, data)
+          if ckpt.reached_preemption(n):
+            ckpt.save(n, state, data, force=True)
+            metrics_lib.log(f"preempted: saved step {n}, exiting")
+            return last
+      if ckpt.latest_step() != total:
+        ckpt.save(total, state, data, force=True)
+      result = evaluate_state(cfg, built, state, mesh)
+      writer.write(total, result)
+      metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
+      return {**last, **result}
+  finally:
+    ckpt.close()  # waits for any async save: a crash never loses a checkpoint in flight
+    writer.close()
+
+
+def evaluate_state(cfg: Config, built, state, mesh) -> dict:
+  """Loss, perplexity and exact-match answer accuracy on the held-out split."""
+  spec = row_spec(cfg)
+  batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
+  fn = jax.jit(functools.partial(eval_step, built.fns), in_shardings=(built.shardings, batch_sh))
+  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size)
+  sums: dict[str, float] = {}
+  for i, local in enumerate(data):
+    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+      break
+    out = jax.device_get(fn(state, pipeline.global_batch(local, batch_sh)))
+    sums = {k: sums.get(k, 0) + float(v) for k, v in out.items()}
+  if not sums:
+    raise ValueError(f"config.data.num_eval={cfg.data.num_eval}: fewer held-out samples than "
+                     f"one batch of config.train.batch_size={cfg.train.batch_size}")
+  loss = sums["loss_sum"] / max(sums["loss_tokens"], 1)
+  return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
+          "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
+          "eval/samples": int(sums["answers"])}
+
+
+def evaluate(cfg: Config, workdir: str) -> dict:
+  """--mode=eval: restores the latest checkpoint and evaluates it."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(cfg, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"--mode=eval: no checkpoint under {workdir}/checkpoints")
+  try:
+    with jax.set_mesh(mesh):
+      state = ckpt.restore(step, restore_target(built.abstract, built.shardings))
+      result = evaluate_state(cfg, built, state, mesh)
+  finally:
+    ckpt.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+      json.dump({"step": step, **result}, f, indent=2)
+    writer = metrics_lib.MetricsWriter(workdir)
+    writer.write(step, result)
+    writer.close()
+  metrics_lib.log(f"eval at step {step}: {_fmt(result)}")
+  return result
+
+
+def _fmt(d: dict) -> str:
+  return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())

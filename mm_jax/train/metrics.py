@@ -1,0 +1,110 @@
+"""metrics.jsonl + TensorBoard events + a human progress line; throughput and MFU.
+
+One JSON object per logged step with at least `step`, `loss`, `lr`, `tokens_per_s`, `mfu`
+(null where the device's peak is unknown, e.g. CPU) and counters such as `data/skipped`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import jax
+
+from mm_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, from vendor data sheets (no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, images: int,
+                   params: dict[str, int]) -> float:
+  """Model FLOPs of one training step (Kaplan et al. 2020: 6 N per token, plus attention).
+
+  Decoder: 6 * non-embedding params * B*T + causal attention 6 * L * B * T^2 * D.
+  Vision tower: 6 * params * patches per image (an upper bound when frozen).
+  """
+  dec, vis = cfg.decoder, cfg.vision
+  dec_params = params.get("decoder", 0) - dec.vocab_size * dec.width
+  tokens = batch * seq_len
+  decoder = 6 * dec_params * tokens + 6 * dec.depth * batch * seq_len**2 * dec.width
+  patches = vis.num_patches + (vis.kind == "clip")
+  vision = 6 * (params.get("towers/image", 0) + params.get("projectors/image", 0)) * patches
+  return float(decoder + vision * images)
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _py(v):
+  try:
+    return v.item()
+  except AttributeError:
+    return v
+
+
+class Throughput:
+  """Tokens/s, step time and ETA over the window since the last report."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.t0, self.step0, self.tokens = time.perf_counter(), start_step, 0
+
+  def add(self, tokens: int) -> None:
+    self.tokens += tokens
+
+  def report(self, step: int) -> dict:
+    now = time.perf_counter()
+    dt, steps = now - self.t0, max(step - self.step0, 1)
+    out = {"tokens_per_s": self.tokens / dt, "step_time_s": dt / steps,
+           "eta_s": dt / steps * (self.total - step)}
+    self.t0, self.step0, self.tokens = now, step, 0
+    return out
+
+
+def progress_line(step: int, total: int, m: dict) -> str:
+  eta = datetime.timedelta(seconds=int(m.get("eta_s", 0)))
+  return (f"step {step}/{total} loss {m['loss']:.4f} acc {m.get('accuracy', 0):.3f} "
+          f"lr {m['lr']:.2e} tok/s {m['tokens_per_s']:,.0f} step {m['step_time_s']:.3f}s "
+          f"eta {eta}")
+
+
+def log(line: str) -> None:
+  """Progress goes to stdout on process 0 (library INFO logs are silenced in main.py)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)

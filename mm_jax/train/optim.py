@@ -1,0 +1,45 @@
+"""Optimizer: AdamW with warmup + cosine decay and global-norm clipping; freezing by regex.
+
+Frozen parameters are split out of the trainable state before the optimizer sees them,
+so they get neither gradients nor optimizer state (Adam moments would double memory).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import optax
+
+from mm_jax.config import OptimConfig
+
+
+def path_str(path: Sequence) -> str:
+  """('decoder', 'layers', 3, 'up', 'kernel') -> 'decoder/layers/3/up/kernel'."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def frozen_filter(patterns: Sequence[str]):
+  """nnx filter: true for parameters whose path matches any freeze regex."""
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path, _: any(c.search(path_str(path)) for c in compiled)
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  if cfg.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+                                 optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """clip -> AdamW; weight decay only on matrices (not norms, biases or embeddings' rows)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+  return adamw

@@ -1,0 +1,81 @@
+"""Build the train state abstractly, shard it by the rules table, initialise it in place.
+
+Nothing is ever materialised whole on one host: `jax.eval_shape` gives the abstract
+state, `sharding.state_shardings` its layout, and `jax.jit(init, out_shardings=...)`
+creates every shard where it lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mm_jax import sharding
+from mm_jax.config import Config
+from mm_jax.models.multimodal import MultimodalModel, resolve_backends
+from mm_jax.train import optim
+from mm_jax.train.step import StepFns, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  fns: StepFns
+  init: callable  # () -> TrainState
+  abstract: TrainState  # ShapeDtypeStructs
+  shardings: TrainState  # NamedShardings
+
+
+def _split(model: MultimodalModel, freeze: tuple[str, ...]):
+  """graphdef, trainable params, frozen params."""
+  frozen = optim.frozen_filter(freeze)
+  return nnx.split(model, nnx.All(nnx.Param, nnx.Not(frozen)), ...)
+
+
+def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
+  model_cfg = resolve_backends(cfg.model)
+  make_model = lambda: MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+  graphdef, _, _ = _split(nnx.eval_shape(make_model), cfg.optim.freeze)
+  tx = optim.make_tx(cfg.optim, cfg.train.steps)
+
+  def init() -> TrainState:
+    _, params, frozen = _split(make_model(), cfg.optim.freeze)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init)
+  shardings = state_shardings(abstract, mesh)
+  fns = StepFns(graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum)
+  return Built(fns, init, abstract, shardings)
+
+
+def state_shardings(abstract, mesh):
+  """Variables by their logical axes; everything else (step, Adam's count) replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
+      return x.replace(NamedSharding(mesh, sharding.spec_for(axes, x.shape, mesh)))
+    return replicated
+  return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def initialise(built: Built) -> TrainState:
+  return jax.jit(built.init, out_shardings=built.shardings)()
+
+
+def param_counts(abstract: TrainState) -> dict[str, int]:
+  """Parameters per top-level module (towers/<m>, projectors/<m>, decoder) and trainable."""
+  counts: dict[str, int] = {}
+  for group, tree in (("trainable", abstract.params), ("frozen", abstract.frozen)):
+    for path, v in nnx.to_flat_state(tree):
+      n = int(np.prod(v.shape))
+      module = "/".join(str(p) for p in path[:2]) if path[0] != "decoder" else "decoder"
+      counts[module] = counts.get(module, 0) + n
+      counts[group] = counts.get(group, 0) + n
+  counts["total"] = counts.get("trainable", 0) + counts.get("frozen", 0)
+  return counts
