@@ -57,7 +57,8 @@ class VisionConfig:
     return self.num_patches + (1 if self.feature_select == "cls_patch" else 0)
 
   def validate(self, key: str) -> None:
-    _check(self.kind in ("clip", "siglip"), f"{key}.kind", f"must be clip|siglip, got {self.kind!r}")
+    _check(self.kind in ("clip", "siglip"), f"{key}.kind",
+           f"must be clip|siglip, got {self.kind!r}")
     _check(self.image_size % self.patch_size == 0, f"{key}.image_size",
            f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
     _check(self.width % self.heads == 0, f"{key}.width", f"{self.width} not divisible by heads")

@@ -9,6 +9,7 @@ takes one row (segment 1) and the tail is padding (segment 0).
 from __future__ import annotations
 
 import dataclasses
+
 import grain
 import jax
 import numpy as np

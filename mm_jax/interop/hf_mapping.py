@@ -29,13 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mm_jax.config import (
-  ConfigError,
-  DecoderConfig,
-  ModelConfig,
-  ProjectorConfig,
-  VisionConfig,
-)
+from mm_jax.config import ConfigError, DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
 
 Path = tuple[str | int, ...]
 Flat = dict[Path, np.ndarray]
@@ -94,11 +88,12 @@ def rope_theta_from_hf(hf_text_config: Mapping[str, Any], where: str = "text_con
   rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
   _expect(rope_type in (None, "default"), f"{where}.rope_parameters.rope_type",
           f"{rope_type!r} RoPE scaling is not implemented (only default)")
-  theta = c.get("rope_theta", params.get("rope_theta"))
-  if theta is None:
-    raise ConfigError(f"{where}.rope_theta: missing (neither {where}.rope_theta nor "
-                      f"{where}.rope_parameters.rope_theta is set)")
-  return float(theta)
+  found = {float(v) for v in (c.get("rope_theta"), params.get("rope_theta")) if v is not None}
+  if len(found) != 1:
+    raise ConfigError(f"{where}.rope_theta: " + ("conflicts with rope_parameters.rope_theta"
+                      if found else f"missing (neither {where}.rope_theta nor "
+                      f"{where}.rope_parameters.rope_theta is set)"))
+  return found.pop()
 
 
 def decoder_config_from_hf(hf_text_config: Mapping[str, Any],
@@ -125,9 +120,9 @@ def decoder_config_from_hf(hf_text_config: Mapping[str, Any],
 def model_config_from_hf_llava(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
   """LlavaConfig dict -> ModelConfig (float32, mlp2x_gelu); `overrides` replace fields.
 
-  vision_feature_select_strategy "default" -> patch, "full" -> cls_patch (CLIP; SigLIP has
-  no class token, so "full" is patch too). Embeddings are tied if either the top level or
-  text_config says so (as LlavaConfig does).
+  vision_feature_select_strategy "default" -> patch, "full" -> cls_patch for CLIP; SigLIP has
+  no class token: "full" -> patch, and "default" (HF drops the first patch) is refused.
+  Embeddings are tied if either the top level or text_config says so (as LlavaConfig does).
   """
   c = hf_config
   layer = c.get("vision_feature_layer", -2)
@@ -136,8 +131,10 @@ def model_config_from_hf_llava(hf_config: Mapping[str, Any], **overrides: Any) -
   strategy = c.get("vision_feature_select_strategy", "default")
   _expect(strategy in ("default", "full"), "vision_feature_select_strategy", repr(strategy))
   vc = _req(c, "vision_config", "config")
-  select = "cls_patch" if strategy == "full" and vc.get("model_type") != "siglip_vision_model" \
-    else "patch"
+  siglip = vc.get("model_type") == "siglip_vision_model"
+  _expect(not (siglip and strategy == "default"), "vision_feature_select_strategy",
+          "'default' drops SigLIP's first patch (it has no class token); not supported")
+  select = "cls_patch" if strategy == "full" and not siglip else "patch"
   _expect(c.get("projector_hidden_act", "gelu") == "gelu", "projector_hidden_act",
           "only gelu is supported")
   _expect(c.get("multimodal_projector_bias", True), "multimodal_projector_bias",
@@ -147,10 +144,10 @@ def model_config_from_hf_llava(hf_config: Mapping[str, Any], **overrides: Any) -
   decoder = decoder_config_from_hf(_req(c, "text_config", "config"))
   tie = decoder.tie_embeddings or bool(c.get("tie_word_embeddings", False))
   cfg = ModelConfig(
-    vision=vision_config_from_hf(vc, feature_layer=layer, feature_select=select),
-    projector=ProjectorConfig(kind="mlp2x_gelu"),
-    decoder=dataclasses.replace(decoder, tie_embeddings=tie),
-    image_token_id=int(token), dtype="float32")
+      vision=vision_config_from_hf(vc, feature_layer=layer, feature_select=select),
+      projector=ProjectorConfig(kind="mlp2x_gelu"),
+      decoder=dataclasses.replace(decoder, tie_embeddings=tie),
+      image_token_id=int(token), dtype="float32")
   cfg = dataclasses.replace(cfg, **overrides)
   cfg.validate("model")
   return cfg
@@ -267,24 +264,25 @@ def llava_rules(cfg: ModelConfig) -> list[Rule]:
   """LlavaForConditionalGeneration (5.x keys) <-> MultimodalModel."""
   text = llama_rules(cfg.decoder)
   body = [r for r in text if r.hf.startswith("model.")]
+  head = [r for r in text if not r.hf.startswith("model.")]
   return (_prefixed(vision_rules(cfg.vision), "model.vision_tower.", ("towers", "image"))
           + _prefixed(projector_rules(cfg.projector, cfg.vision.width, cfg.decoder.width),
                       "model.multi_modal_projector.", ("projectors", "image"))
           + _prefixed(body, "model.language_model.", ("decoder",), strip="model.")
-          + _prefixed([r for r in text if r not in body], "", ("decoder",)))
+          + _prefixed(head, "", ("decoder",)))
 
 
 # ----------------------------------------------------------------------------- state dicts
 
 # Older layouts -> transformers 5.x keys; the first matching pattern renames a key.
 _RENAMES = {
-  "vision": ((r"^vision_model\.", ""),),
-  "llama": (),
-  "llava": ((r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."),
-            (r"^(model\.)?multi_modal_projector\.", "model.multi_modal_projector."),
-            (r"^(language_model\.)?lm_head\.", "lm_head."),
-            (r"^(model\.language_model|language_model\.model|language_model)\.",
-             "model.language_model.")),
+    "vision": ((r"^vision_model\.", ""),),
+    "llama": (),
+    "llava": ((r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."),
+              (r"^(model\.)?multi_modal_projector\.", "model.multi_modal_projector."),
+              (r"^(language_model\.)?lm_head\.", "lm_head."),
+              (r"^(model\.language_model|language_model\.model|language_model)\.",
+               "model.language_model.")),
 }
 # Tensors with no mm_jax counterpart: SigLIP's pooling head, buffers of older versions.
 _IGNORED = re.compile(r"(^|vision_tower\.)head\.|rotary_emb\.inv_freq$|position_ids$")
@@ -317,6 +315,8 @@ def hf_to_mm(sd: Mapping[str, Any], rules: Sequence[Rule], prefix: Path = ()) ->
       raise ValueError(f"{r.hf}: shape {x.shape}, expected {r.hf_shape} for "
                        f"{path_str(r.path)}")
     out[(*prefix, *r.path)] = r.to_mm(x)
+  if len(out) != len(rules):
+    raise ValueError("two rules write the same parameter path")
   return out
 
 
@@ -332,7 +332,7 @@ def mm_to_hf(flat: Mapping[Path, Any], rules: Sequence[Rule], prefix: Path = ())
 
 def _untie(sd: dict[str, Any], embed_key: str, tied: bool) -> dict[str, Any]:
   """Drops `lm_head.weight` of tied embeddings (state_dict() lists it) if it is the table."""
-  if tied and "lm_head.weight" in sd:
+  if tied and "lm_head.weight" in sd and embed_key in sd:
     if not np.array_equal(np.asarray(sd["lm_head.weight"]), np.asarray(sd[embed_key])):
       raise ValueError("lm_head.weight differs from the embedding but the config ties them")
     sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
@@ -385,12 +385,21 @@ def path_str(path: Path) -> str:
 
 def flat_params(model: nnx.Module) -> Flat:
   """Every nnx.Param of `model` as numpy, keyed by its path."""
-  return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {p: np.asarray(v.get_value())
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _place(x: Any, like: Any) -> jax.Array:
+  """x as a jax array with `like`'s dtype and sharding (if `like` has one)."""
+  x = np.asarray(x, like.dtype)
+  sharding = getattr(like, "sharding", None)
+  return jax.device_put(x, sharding) if sharding is not None else jax.numpy.asarray(x)
 
 
 def load_flat_into(model: nnx.Module, flat: Mapping[Path, Any]) -> None:
   """Sets every nnx.Param of `model` from `flat` (cast to the param's dtype, same sharding).
 
+  `model` may be abstract (`nnx.eval_shape(lambda: Model(...))`): no random init is paid.
   Raises if a parameter is missing, a key names no parameter, or a shape differs.
   """
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -402,6 +411,5 @@ def load_flat_into(model: nnx.Module, flat: Mapping[Path, Any]) -> None:
   for path, var in params.items():
     if tuple(np.shape(flat[path])) != tuple(var.shape):
       raise ValueError(f"{path_str(path)}: shape {np.shape(flat[path])}, model has {var.shape}")
-  new = [(p, v.replace(jax.device_put(np.asarray(flat[p], v.dtype), v[...].sharding)))
-         for p, v in params.items()]
+  new = [(p, v.replace(_place(flat[p], v.get_value()))) for p, v in params.items()]
   nnx.update(model, nnx.from_flat_state(new))

@@ -3,7 +3,8 @@
 CLIP (Radford et al. 2021): class token, pre-LN before the encoder, quick_gelu.
 SigLIP (Zhai et al. 2023): no class token, bias on the patch embedding, gelu-tanh.
 Both: pre-LN transformer blocks; `hidden_states` index as in transformers (0 =
-embeddings, i = after block i); the final LayerNorm only feeds `last_hidden_state`.
+embeddings, i = after block i). The final LayerNorm never feeds LLaVA's features: SigLIP
+applies it in `last_hidden_state`, CLIP only to the pooled class token.
 """
 
 from __future__ import annotations
@@ -88,7 +89,15 @@ class VisionTower(nnx.Module):
     return states
 
   def last_hidden_state(self, images: jax.Array) -> jax.Array:
-    return self.post_ln(self.hidden_states(images)[-1])
+    """As transformers: SigLIP applies the final LayerNorm to every token, CLIP to none."""
+    x = self.hidden_states(images)[-1]
+    return x if self.cls is not None else self.post_ln(x)
+
+  def pooled(self, images: jax.Array) -> jax.Array:
+    """CLIP's pooler output: the final LayerNorm of the class token, float[M, D]."""
+    if self.cls is None:
+      raise ValueError("pooled() needs a class token (CLIP); SigLIP pools with its MAP head")
+    return self.post_ln(self.hidden_states(images)[-1][:, 0])
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """LLaVA features: hidden_states[feature_layer], class token dropped for `patch`."""

@@ -77,7 +77,7 @@ def train(cfg: Config, workdir: str) -> dict:
           metrics_lib.log(metrics_lib.progress_line(n, total, last))
         if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total:
           writer.write(n, evaluate_state(cfg, built, state, mesh))
-        if n < total:
+        if n < total and n % cfg.checkpoint.every == 0:
           ckpt.save(n, state, data)
           if ckpt.reached_preemption(n):
             ckpt.save(n, state, data, force=True)

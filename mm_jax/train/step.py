@@ -68,16 +68,16 @@ def train_step(fns: StepFns, state: TrainState, batch: dict) -> tuple[TrainState
     (loss, correct), grads = grad_fn(state.params, batch)
   else:
     def body(carry, micro):
-      (l, c), g = grad_fn(state.params, micro)
+      (loss_a, c), g = grad_fn(state.params, micro)
       acc_l, acc_c, acc_g = carry
-      return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+      return (acc_l + loss_a, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
     (loss, correct, grads), _ = jax.lax.scan(body, init, _microbatches(batch, fns.grad_accum))
 
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "accuracy": correct / n_loss, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "accuracy": correct / n_loss, "grad_norm": optax.tree.norm(grads),
              "lr": fns.schedule(state.step), "loss_tokens": mask.sum(),
              "tokens": (batch["segment_ids"] > 0).sum()}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,30 @@
+"""Small drivers shared by the train tests: build, step and restore on a chosen mesh."""
+
+import functools
+
+import jax
+import numpy as np
+
+from mm_jax import sharding
+from mm_jax.data import pipeline
+from mm_jax.train import loop
+from mm_jax.train import state as state_lib
+from mm_jax.train.step import train_step
+
+
+def losses_on_mesh(cfg, devices, steps: int, metric: str = "loss"):
+  """`metric` of `steps` train steps on a mesh over `devices`; also the final state."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  built = state_lib.build(cfg, mesh)
+  spec = loop.row_spec(cfg)
+  batch_sh = loop.batch_shardings(mesh, spec, cfg.train.batch_size)
+  fn = jax.jit(functools.partial(train_step, built.fns),
+               in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, None))
+  data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size, seed=0)
+  losses = []
+  with jax.set_mesh(mesh):
+    state = state_lib.initialise(built)
+    for _ in range(steps):
+      state, m = fn(state, pipeline.global_batch(next(data), batch_sh))
+      losses.append(float(m[metric]))
+  return np.array(losses), state, built
