@@ -21,9 +21,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from mm_jax import run
+  from mm_jax import config, run
 
-  run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value)
+  try:
+    run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value)
+  except config.ConfigError as e:  # a bad value: name the key, no traceback
+    raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

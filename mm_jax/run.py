@@ -17,7 +17,8 @@ def dry_run(cfg: config_lib.Config) -> dict[str, int]:
   rows = [(k, v) for k, v in counts.items() if "/" in k or k == "decoder"]
   rows += [("total", counts["total"]), (f"trainable (stage={cfg.stage})", counts["trainable"])]
   for name, n in rows:
-    print(f"{name:32s} {n:>16,d}  ({n / 1e9:.3f}B)")
+    size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+    print(f"{name:32s} {n:>16,d}  ({size})")
   return counts
 
 

@@ -24,6 +24,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Activations: the batch is split over every data-parallel axis.
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),
+    ("act_embed", None),
+    ("act_vocab", "tensor"),
     # Decoder parameters: FSDP over the model width, Megatron-style tensor parallelism
     # over heads and MLP width (column-parallel in, row-parallel out).
     ("embed", "fsdp"),
@@ -90,12 +92,16 @@ def _warn_once(name, size, n):
                     name, size, n)
 
 
-def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-  """NamedSharding for every variable of an (abstract) nnx.State, from `logical_axes`."""
-  def one(v):
-    axes = v.get_metadata().get("logical_axes") or (None,) * len(v.shape)
-    return NamedSharding(mesh, spec_for(axes, v.shape, mesh))
-  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def state_shardings(abstract, mesh: jax.sharding.Mesh):
+  """NamedShardings for a state pytree: nnx Variables by their `logical_axes`, everything
+  else (step counters, Adam's count) replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
+      return x.replace(NamedSharding(mesh, spec_for(axes, x.shape, mesh)))
+    return replicated
+  return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mm_jax import sharding
 from mm_jax.config import DecoderConfig
 from mm_jax.models import attention
 from mm_jax.models.layers import Dense, RMSNorm, param, rope
@@ -72,10 +73,11 @@ class Decoder(nnx.Module):
     for layer in self.layers:
       call = nnx.remat(lambda b, *a: b(*a)) if self.remat else (lambda b, *a: b(*a))
       with jax.named_scope("decoder_block"):
-        x = call(layer, x, positions, segment_ids)
+        x = sharding.constrain(call(layer, x, positions, segment_ids),
+                               "act_batch", "act_seq", "act_embed")
     x = self.norm(x)
     if self.lm_head is None:
       logits = jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
     else:
       logits = self.lm_head(x)
-    return logits.astype(jnp.float32)
+    return sharding.constrain(logits.astype(jnp.float32), "act_batch", "act_seq", "act_vocab")

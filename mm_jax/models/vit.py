@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mm_jax import sharding
 from mm_jax.config import VisionConfig
 from mm_jax.models import attention
 from mm_jax.models.layers import ACTIVATIONS, Dense, LayerNorm, param
@@ -85,7 +86,8 @@ class VisionTower(nnx.Module):
     for block in list(self.blocks)[:upto]:
       call = nnx.remat(lambda b, x: b(x)) if self.remat else (lambda b, x: b(x))
       with jax.named_scope("vision_block"):
-        states.append(call(block, states[-1]))
+        states.append(sharding.constrain(call(block, states[-1]),
+                                         "act_batch", "act_seq", "act_embed"))
     return states
 
   def last_hidden_state(self, images: jax.Array) -> jax.Array:

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mm_jax import sharding
 from mm_jax.config import Config
@@ -48,20 +47,9 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
                       opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init)
-  shardings = state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh)
   fns = StepFns(graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum)
   return Built(fns, init, abstract, shardings)
-
-
-def state_shardings(abstract, mesh):
-  """Variables by their logical axes; everything else (step, Adam's count) replicated."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  def one(x):
-    if isinstance(x, nnx.Variable):
-      axes = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
-      return x.replace(NamedSharding(mesh, sharding.spec_for(axes, x.shape, mesh)))
-    return replicated
-  return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def initialise(built: Built) -> TrainState:

@@ -1,0 +1,62 @@
+"""The README's command, end to end, as a user runs it (subprocess on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, env_extra=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env_extra or {})}
+  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_train_then_eval_writes_what_a_user_expects(tmp_path):
+  w = str(tmp_path / "w")
+  args = ["--config=configs/llava.py:tiny", f"--workdir={w}", "--config.train.steps=12",
+          "--config.train.log_every=4", "--config.checkpoint.every=6",
+          "--config.train.batch_size=8", "--config.data.num_eval=16"]
+  r = _main(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 12/12 loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
+  assert "final eval at step 12" in r.stdout
+  cfg = json.load(open(os.path.join(w, "config.json")))
+  assert cfg["train"]["steps"] == 12 and cfg["model"]["vision"]["kind"] == "clip"
+  records = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == [4, 8, 12]
+  for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "data/skipped"):
+    assert key in train[-1], key
+  assert train[-1]["mfu"] is None  # no known peak FLOP/s for a CPU
+  assert any("eval/accuracy" in r for r in records)
+  assert os.listdir(os.path.join(w, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["6", "12"]
+
+  r = _main("--mode=eval", *args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.load(open(os.path.join(w, "eval_12.json")))
+  assert result["step"] == 12 and 0.0 <= result["eval/accuracy"] <= 1.0
+
+
+def test_dry_run_7b_and_bad_override_names_the_key():
+  r = _main("--config=configs/llava.py:7b,stage=pretrain", "--dry_run")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "7,062,902,784" in r.stdout and "trainable (stage=pretrain)" in r.stdout
+  r = _main("--config=configs/llava.py:tiny", "--dry_run", "--config.optim.lr=-1.0")
+  assert r.returncode != 0 and "config.optim.lr: must be positive" in r.stderr
+
+
+@pytest.mark.slow
+def test_tiny_learns_well_above_chance(tmp_path):
+  """The README's tiny run, shortened: chance over the question mix is about 0.3."""
+  r = _main("--config=configs/llava.py:tiny", f"--workdir={tmp_path}",
+            "--config.train.steps=500")
+  assert r.returncode == 0, r.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  accuracy = [r["eval/accuracy"] for r in records if "eval/accuracy" in r][-1]
+  assert accuracy > 0.6, accuracy
