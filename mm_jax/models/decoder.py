@@ -64,9 +64,12 @@ class Decoder(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int32[B, T] -> float[B, T, D]; ids outside the vocabulary (placeholders) read row 0."""
-    table = self.embedding[...]
+    # Gather from a table whole along its width (FSDP gathers it anyway): a gather out of
+    # a width-sharded table cannot be resharded to batch-sharded rows without a full copy.
+    table = sharding.constrain(self.embedding[...], "vocab", "act_embed")
     ids = jnp.where((tokens >= 0) & (tokens < table.shape[0]), tokens, 0)
-    return jnp.take(table, ids, axis=0).astype(self.dtype)
+    rows = jnp.take(table, ids, axis=0).astype(self.dtype)
+    return sharding.constrain(rows, "act_batch", "act_seq", "act_embed")
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x float[B, T, D] -> logits float32[B, T, V]."""

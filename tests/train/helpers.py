@@ -12,8 +12,9 @@ from mm_jax.train import state as state_lib
 from mm_jax.train.step import train_step
 
 
-def losses_on_mesh(cfg, devices, steps: int, metric: str = "loss"):
-  """`metric` of `steps` train steps on a mesh over `devices`; also the final state."""
+def losses_on_mesh(cfg, devices, steps: int):
+  """(losses, final state, build, every metric's trajectory) of `steps` train steps on a
+  mesh over `devices`."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   built = state_lib.build(cfg, mesh)
   spec = loop.row_spec(cfg)
@@ -21,10 +22,11 @@ def losses_on_mesh(cfg, devices, steps: int, metric: str = "loss"):
   fn = jax.jit(functools.partial(train_step, built.fns),
                in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, None))
   data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size, seed=0)
-  losses = []
+  history = []
   with jax.set_mesh(mesh):
     state = state_lib.initialise(built)
     for _ in range(steps):
       state, m = fn(state, pipeline.global_batch(next(data), batch_sh))
-      losses.append(float(m[metric]))
-  return np.array(losses), state, built
+      history.append(jax.device_get(m))
+  metrics = {k: np.array([h[k] for h in history]) for k in history[0]}
+  return metrics["loss"], state, built, metrics

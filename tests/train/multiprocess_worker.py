@@ -17,7 +17,8 @@ jax.config.update("jax_num_cpu_devices", 4)
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=int(n), process_id=int(pid))
 jax.config.update("jax_default_matmul_precision", "highest")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS), os.path.join(TESTS, "train")]
 from conftest import tiny_config  # noqa: E402
 from test_checkpoint import CFG  # noqa: E402
 

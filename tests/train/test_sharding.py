@@ -21,7 +21,7 @@ def single_device_losses():
 def test_layouts_match_one_device(shape, single_device_losses):
   cfg = tiny_config(**SMALL, **{"mesh.data": shape[0], "mesh.fsdp": shape[1],
                                 "mesh.tensor": shape[2]})
-  losses, state, _ = losses_on_mesh(cfg, jax.devices()[:8], 3)
+  losses, state, _, _ = losses_on_mesh(cfg, jax.devices()[:8], 3)
   np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
   assert losses[-1] < losses[0]  # it trains, on every layout
 
@@ -44,7 +44,7 @@ def test_layouts_match_one_device(shape, single_device_losses):
 
 def test_optimizer_state_is_sharded_like_params():
   cfg = tiny_config(**SMALL, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  _, state, _ = losses_on_mesh(cfg, jax.devices()[:8], 1)
+  _, state, _, _ = losses_on_mesh(cfg, jax.devices()[:8], 1)
   mu = state.opt_state[1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
   flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(mu)}
   assert flat["decoder/layers/0/gate/kernel"].sharding.spec == P("fsdp", "tensor")
