@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mm_jax.kernels.compat import interpret_for, pl, platform, tpu_params, triton_params
+from mm_jax.kernels.compat import dot, interpret_for, pl, platform, tpu_params, triton_params
 
 MASK = -1e30  # finite, so fully masked rows never produce inf - inf = NaN
 Q_PAD, KV_PAD = -1, -2  # segment ids of padding rows: they match nothing
@@ -125,13 +125,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
       m, denom, acc = carry
       k = k_ref[pl.ds(j * bk, bk), :]
       v = v_ref[pl.ds(j * bk, bk), :]
-      s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * scale
+      s = dot(q, k, trans_b=True).astype(jnp.float32) * scale
       mask = _block_mask(q_seg, k_seg, i * bq, j * bk, causal)
       s = jnp.where(mask, s, MASK)
       m_new = jnp.maximum(m, s.max(axis=1))
       p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
       alpha = jnp.exp(m - m_new)
-      acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+      acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v).astype(jnp.float32)
       return m_new, denom * alpha + p.sum(axis=1), acc
 
     return jax.lax.cond(_overlap(q_seg, k_seg), compute, lambda c: c, carry)
@@ -167,13 +167,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_
       do = do_ref[g, pl.ds(i * bq, bq), :]
       lse = lse_ref[g, 0, pl.ds(i * bq, bq)]
       delta = delta_ref[g, 0, pl.ds(i * bq, bq)]
-      s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * scale
+      s = dot(q, k, trans_b=True).astype(jnp.float32) * scale
       mask = _block_mask(q_seg, k_seg, i * bq, j * bk, causal)
       p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-      dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-      dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+      dv = dv + dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+      dp = dot(do, v, trans_b=True).astype(jnp.float32)
       ds = p * (dp - delta[:, None]) * scale
-      dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+      dk = dk + dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
       return dk, dv
 
     return jax.lax.cond(_overlap(q_seg, k_seg), compute, lambda c: c, carry)
@@ -199,12 +199,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
     def compute(dq):
       k = k_ref[pl.ds(j * bk, bk), :]
       v = v_ref[pl.ds(j * bk, bk), :]
-      s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * scale
+      s = dot(q, k, trans_b=True).astype(jnp.float32) * scale
       mask = _block_mask(q_seg, k_seg, i * bq, j * bk, causal)
       p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-      dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+      dp = dot(do, v, trans_b=True).astype(jnp.float32)
       ds = p * (dp - delta[:, None]) * scale
-      return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+      return dq + dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
     return jax.lax.cond(_overlap(q_seg, k_seg), compute, lambda d: d, dq)
 

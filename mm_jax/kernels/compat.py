@@ -33,3 +33,12 @@ def platform() -> str:
 def interpret_for(interpret: bool | None) -> bool:
   """`interpret=None` means: interpret on CPU, compile on GPU and TPU."""
   return platform() == "cpu" if interpret is None else interpret
+
+
+def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+  """float32-accumulated matmul inside kernels (pl.dot moved to pallas.triton in 0.10;
+  lax.dot_general lowers on Triton, Mosaic TPU and the interpreter alike)."""
+  import jax.numpy as jnp
+
+  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)

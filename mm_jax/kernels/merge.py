@@ -2,27 +2,189 @@
 
 `merge_tokens(text_emb float[B, T, D], media_emb float[M, D], media_index int32[B, T])`
 returns float[B, T, D] where row (b, t) is `media_emb[media_index[b, t]]` if that index is
->= 0, else `text_emb[b, t]`. The Pallas kernel (forward writes only media rows, backward
-gathers them back) is issue 3; `impl` selects it once it exists.
+>= 0, else `text_emb[b, t]`.
+
+The Pallas path moves only media rows. The forward writes the M media rows into the text
+buffer in place (input/output aliasing: when `text_emb` is dead afterwards, as inside the
+model, XLA reuses its buffer). The backward zeroes the same rows of the output gradient
+in place (the text gradient) and gathers them into the media gradient; each media row is
+used at most once, so no atomics. Rows are addressed through `dest` int32[M], the flat
+position b * T + t of each media row (-1: unused), built once from `media_index`.
+Backends: Triton on GPU and the interpreter on CPU share one kernel (dynamic row stores
+into the whole buffer); TPU copies rows by DMA with `dest` prefetched into SMEM.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from mm_jax.kernels.compat import interpret_for, pl, platform, pltpu, triton_params
+
+ROWS = 8  # media rows per grid step
 
 
 def merge_tokens_reference(text_emb: jax.Array, media_emb: jax.Array,
                            media_index: jax.Array) -> jax.Array:
   """XLA where+gather merge; differentiable through jnp."""
+  if media_emb.shape[0] == 0:
+    return text_emb
   rows = jnp.take(media_emb, jnp.maximum(media_index, 0), axis=0).astype(text_emb.dtype)
   return jnp.where((media_index >= 0)[..., None], rows, text_emb)
 
 
+def destinations(media_index: jax.Array, m: int) -> jax.Array:
+  """int32[M]: flat position b * T + t that media row m fills, -1 if none."""
+  flat = media_index.reshape(-1)
+  slot = jnp.where(flat >= 0, flat, m)  # text tokens scatter out of bounds and are dropped
+  pos = jnp.arange(flat.shape[0], dtype=jnp.int32)
+  return jnp.full((m,), -1, jnp.int32).at[slot].set(pos, mode="drop")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _put_rows_kernel(dest_ref, src_ref, base_ref, out_ref):
+  """out[dest[r]] = src[r] for this step's rows; out aliases base."""
+  del base_ref
+  for r in range(ROWS):
+    d = dest_ref[r]
+
+    @pl.when(d >= 0)
+    def _(r=r, d=d):
+      out_ref[pl.ds(d, 1), :] = src_ref[pl.ds(r, 1), :]
+
+
+def _take_rows_kernel(dest_ref, src_ref, out_ref):
+  """out[r] = src[dest[r]] (0 where dest < 0)."""
+  for r in range(ROWS):
+    d = dest_ref[r]
+    row = src_ref[pl.ds(jnp.maximum(d, 0), 1), :]
+    out_ref[pl.ds(r, 1), :] = jnp.where(d >= 0, row, jnp.zeros_like(row))
+
+
+def _put_rows_tpu_kernel(dest_ref, src_ref, base_ref, out_ref, sem):
+  del base_ref
+  i = pl.program_id(0)
+  for r in range(ROWS):
+    d = dest_ref[i * ROWS + r]
+
+    @pl.when(d >= 0)
+    def _(r=r, d=d):
+      copy = pltpu.make_async_copy(src_ref.at[pl.ds(r, 1)], out_ref.at[pl.ds(d, 1)], sem)
+      copy.start()
+      copy.wait()
+
+
+def _take_rows_tpu_kernel(dest_ref, src_ref, out_ref, sem):
+  i = pl.program_id(0)
+  for r in range(ROWS):
+    d = dest_ref[i * ROWS + r]
+    out_ref[pl.ds(r, 1), :] = jnp.zeros((1, out_ref.shape[1]), out_ref.dtype)
+
+    @pl.when(d >= 0)
+    def _(r=r, d=d):
+      copy = pltpu.make_async_copy(src_ref.at[pl.ds(d, 1)], out_ref.at[pl.ds(r, 1)], sem)
+      copy.start()
+      copy.wait()
+
+
+def _put_rows(base, src, dest, *, interpret: bool):
+  """base float[R, D] with rows dest[m] replaced by src[m], in place."""
+  m_pad, d = src.shape
+  if platform() == "tpu" and not interpret:
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(m_pad // ROWS,),
+        in_specs=[pl.BlockSpec((ROWS, d), lambda i, dest: (i, 0)),
+                  pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        scratch_shapes=[pltpu.SemaphoreType.DMA(())])
+    return pl.pallas_call(
+        _put_rows_tpu_kernel, grid_spec=spec,
+        out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
+        input_output_aliases={2: 0}, name="merge_put_rows")(dest, src, base)
+  return pl.pallas_call(
+      _put_rows_kernel, grid=(m_pad // ROWS,),
+      in_specs=[pl.BlockSpec((ROWS,), lambda i: (i,)),
+                pl.BlockSpec((ROWS, d), lambda i: (i, 0)),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec(memory_space=pl.ANY),
+      out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
+      input_output_aliases={2: 0}, interpret=interpret,
+      compiler_params=None if interpret else triton_params(num_warps=4, num_stages=1),
+      name="merge_put_rows")(dest, src, base)
+
+
+def _take_rows(src, dest, *, interpret: bool):
+  """float[M_pad, D]: rows dest[m] of src (0 where dest < 0)."""
+  m_pad, d = dest.shape[0], src.shape[1]
+  out_shape = jax.ShapeDtypeStruct((m_pad, d), src.dtype)
+  if platform() == "tpu" and not interpret:
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(m_pad // ROWS,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec((ROWS, d), lambda i, dest: (i, 0)),
+        scratch_shapes=[pltpu.SemaphoreType.DMA(())])
+    return pl.pallas_call(_take_rows_tpu_kernel, grid_spec=spec, out_shape=out_shape,
+                          name="merge_take_rows")(dest, src)
+  return pl.pallas_call(
+      _take_rows_kernel, grid=(m_pad // ROWS,),
+      in_specs=[pl.BlockSpec((ROWS,), lambda i: (i,)), pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((ROWS, d), lambda i: (i, 0)),
+      out_shape=out_shape, interpret=interpret,
+      compiler_params=None if interpret else triton_params(num_warps=4, num_stages=1),
+      name="merge_take_rows")(dest, src)
+
+
+# ----------------------------------------------------------------------------- API
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _merge(text_emb, media_emb, dest, interpret):
+  return _merge_fwd(text_emb, media_emb, dest, interpret)[0]
+
+
+def _merge_fwd(text_emb, media_emb, dest, interpret):
+  b, t, d = text_emb.shape
+  m = media_emb.shape[0]
+  media = jnp.pad(media_emb.astype(text_emb.dtype), ((0, dest.shape[0] - m), (0, 0)))
+  out = _put_rows(text_emb.reshape(b * t, d), media, dest, interpret=interpret)
+  like_media = jnp.zeros((m, 0), media_emb.dtype)  # carries M and the dtype, no bytes
+  return out.reshape(b, t, d), (dest, like_media)
+
+
+def _merge_bwd(interpret, res, g):
+  dest, like_media = res
+  b, t, d = g.shape
+  flat = g.reshape(b * t, d)
+  d_media = _take_rows(flat, dest, interpret=interpret)[: like_media.shape[0]]
+  d_media = d_media.astype(like_media.dtype)
+  zeros = jnp.zeros((dest.shape[0], d), g.dtype)
+  d_text = _put_rows(flat, zeros, dest, interpret=interpret).reshape(b, t, d)
+  return d_text, d_media, None
+
+
+_merge.defvjp(_merge_fwd, _merge_bwd)
+
+
+def merge_tokens_pallas(text_emb: jax.Array, media_emb: jax.Array, media_index: jax.Array,
+                        *, interpret: bool | None = None) -> jax.Array:
+  m = media_emb.shape[0]
+  if m == 0:
+    return text_emb
+  m_pad = -(-m // ROWS) * ROWS
+  dest = jnp.pad(destinations(media_index, m), (0, m_pad - m), constant_values=-1)
+  return _merge(text_emb, media_emb, dest, interpret_for(interpret))
+
+
 def merge_tokens(text_emb: jax.Array, media_emb: jax.Array, media_index: jax.Array, *,
-                 impl: str = "auto") -> jax.Array:
-  if impl == "pallas":
-    raise NotImplementedError("model.merge=pallas: the Pallas merge kernel is issue 3; "
-                              "use xla or auto")
-  with jax.named_scope("merge_tokens"):
+                 impl: str = "auto", interpret: bool | None = None) -> jax.Array:
+  """`impl`: xla (where+gather), pallas, or auto (Pallas on GPU/TPU, XLA on CPU)."""
+  if impl == "auto":
+    impl = "xla" if platform() == "cpu" else "pallas"
+  with jax.named_scope(f"merge_tokens_{impl}"):
+    if impl == "pallas":
+      return merge_tokens_pallas(text_emb, media_emb, media_index, interpret=interpret)
     return merge_tokens_reference(text_emb, media_emb, media_index)

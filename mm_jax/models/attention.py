@@ -9,16 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mm_jax.kernels.attention import flash_attention
+
 
 def resolve(impl: str, platform: str | None = None) -> str:
   """Maps `auto` to a concrete backend for the current platform."""
   platform = platform or jax.default_backend()
-  if impl == "auto":
-    # Pallas becomes the GPU/TPU default once its kernel lands (issue 3).
-    return "cudnn" if platform == "gpu" else "xla"
-  if impl == "pallas":
-    raise NotImplementedError("model.attention=pallas: the fused Pallas kernel is issue 3; "
-                              "use xla, cudnn or auto")
+  if impl == "auto":  # DESIGN.md: Pallas on GPU and TPU, XLA on CPU
+    return "xla" if platform == "cpu" else "pallas"
   if impl == "cudnn" and platform != "gpu":
     raise ValueError(f"model.attention=cudnn needs a GPU, this is {platform}")
   return impl
@@ -32,6 +30,9 @@ def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
            causal: bool, impl: str) -> jax.Array:
   """float[B, T, N, H] attention output; softmax in float32 inside the backends."""
+  if impl == "pallas":  # on CPU this runs the kernels in the Pallas interpreter
+    with jax.named_scope("attention_pallas"):
+      return flash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
   mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids)
   with jax.named_scope(f"attention_{impl}"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,

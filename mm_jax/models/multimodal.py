@@ -94,5 +94,7 @@ class MultimodalModel(nnx.Module):
 
 def resolve_backends(cfg: ModelConfig) -> ModelConfig:
   """Replaces `auto` backends by concrete ones for this platform (validated early)."""
-  return dataclasses.replace(cfg, attention=attention.resolve(cfg.attention),
-                             merge="xla" if cfg.merge == "auto" else cfg.merge)
+  merge = cfg.merge
+  if merge == "auto":
+    merge = "xla" if jax.default_backend() == "cpu" else "pallas"
+  return dataclasses.replace(cfg, attention=attention.resolve(cfg.attention), merge=merge)

@@ -34,6 +34,7 @@ def test_segments_do_not_attend_across():
 
 def test_auto_resolves_per_platform():
   assert attention.resolve("auto", "cpu") == "xla"
-  assert attention.resolve("auto", "gpu") == "cudnn"
+  assert attention.resolve("auto", "gpu") == "pallas"
+  assert attention.resolve("auto", "tpu") == "pallas"
   with pytest.raises(ValueError, match="cudnn needs a GPU"):
     attention.resolve("cudnn", "cpu")
