@@ -42,6 +42,12 @@ class BlockSizes:
   q_bwd: int = 64
   kv_bwd: int = 64
 
+  def __post_init__(self):
+    for name in ("q", "kv", "q_bwd", "kv_bwd"):
+      size = getattr(self, name)
+      if size < 1 or size & (size - 1):
+        raise ValueError(f"BlockSizes.{name}={size}: must be a power of two")
+
   @classmethod
   def for_lengths(cls, t: int, s: int, base: BlockSizes, floor: int = 16) -> BlockSizes:
     """Shrinks blocks for short sequences, never below `floor` (16: the smallest GPU MMA
@@ -312,12 +318,18 @@ def _pad_to(x, axis, multiple, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
+def _head_pad(h: int) -> int:
+  """Head dims are zero-padded to a power of two (Triton loads power-of-two shapes; zero
+  columns change no dot product): 80 (Phi-2) -> 128."""
+  return 1 << (h - 1).bit_length()
+
+
 def _prepare(q, k, v, seg, bs):
   """BTNH -> BNTH padded to whole blocks; segment ids [B, 1, T] padded to match nothing."""
-  m = bs.multiple
-  qt = _pad_to(q.transpose(0, 2, 1, 3), 2, m)
-  kt = _pad_to(k.transpose(0, 2, 1, 3), 2, m)
-  vt = _pad_to(v.transpose(0, 2, 1, 3), 2, m)
+  m, hp = bs.multiple, _head_pad(q.shape[-1])
+  qt = _pad_to(_pad_to(q.transpose(0, 2, 1, 3), 2, m), 3, hp)
+  kt = _pad_to(_pad_to(k.transpose(0, 2, 1, 3), 2, m), 3, hp)
+  vt = _pad_to(_pad_to(v.transpose(0, 2, 1, 3), 2, m), 3, hp)
   qseg = _pad_to(seg[:, None, : q.shape[1]], 2, m, Q_PAD)
   kseg = _pad_to(seg[:, None, : k.shape[1]], 2, m, KV_PAD)
   return qt, kt, vt, qseg, kseg
@@ -332,7 +344,7 @@ def _flash_fwd(q, k, v, seg, causal, scale, bs, interpret):
   qt, kt, vt, qseg, kseg = _prepare(q, k, v, seg, bs)
   ot, lse = _fwd_call(qt, kt, vt, qseg, kseg, scale=scale, causal=causal, bs=bs,
                       interpret=interpret)
-  out = ot[:, :, : q.shape[1]].transpose(0, 2, 1, 3)
+  out = ot[:, :, : q.shape[1], : q.shape[3]].transpose(0, 2, 1, 3)
   return out, (q, k, v, seg, out, lse)
 
 
@@ -340,14 +352,14 @@ def _flash_bwd(causal, scale, bs, interpret, res, do):
   q, k, v, seg, out, lse = res
   qt, kt, vt, qseg, kseg = _prepare(q, k, v, seg, bs)
   m = bs.multiple
-  dot = _pad_to(do.transpose(0, 2, 1, 3), 2, m)
+  dot = _pad_to(_pad_to(do.transpose(0, 2, 1, 3), 2, m), 3, _head_pad(q.shape[3]))
   # delta_t = sum_h o_th * do_th: a [B, N, T] row reduction the kernels share.
   delta = _pad_to(jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32),
                              do.astype(jnp.float32)), 2, m)[:, :, None, :]
   dq, dk, dv = _bwd_calls(qt, kt, vt, dot, lse, delta, qseg, kseg, scale=scale,
                           causal=causal, bs=bs, interpret=interpret)
   t, s = q.shape[1], k.shape[1]
-  unpad = lambda x, n: x[:, :, :n].transpose(0, 2, 1, 3)
+  unpad = lambda x, n: x[:, :, :n, : q.shape[3]].transpose(0, 2, 1, 3)
   return unpad(dq, t), unpad(dk, s), unpad(dv, s), None
 
 

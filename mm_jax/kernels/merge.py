@@ -17,6 +17,7 @@ into the whole buffer); TPU copies rows by DMA with `dest` prefetched into SMEM.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,19 @@ import jax.numpy as jnp
 from mm_jax.kernels.compat import interpret_for, pl, platform, pltpu, triton_params
 
 ROWS = 8  # media rows per grid step
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning("%s", message)
+
+
+def _chunk(d: int) -> int:
+  """Columns per grid step: the largest power of two (<= 1024) dividing D. Triton loads
+  power-of-two shapes only, so D = 5120 (13B) runs as 5 steps of 1024."""
+  return min(d & -d, 1024)
 
 
 def merge_tokens_reference(text_emb: jax.Array, media_emb: jax.Array,
@@ -47,21 +61,25 @@ def destinations(media_index: jax.Array, m: int) -> jax.Array:
 
 
 def _put_rows_kernel(dest_ref, src_ref, base_ref, out_ref):
-  """out[dest[r]] = src[r] for this step's rows; out aliases base."""
+  """out[dest[r], cols] = src[r] for this step's rows and columns; out aliases base."""
   del base_ref
+  dc = src_ref.shape[1]
+  cols = pl.ds(pl.program_id(1) * dc, dc)
   for r in range(ROWS):
     d = dest_ref[r]
 
     @pl.when(d >= 0)
     def _(r=r, d=d):
-      out_ref[pl.ds(d, 1), :] = src_ref[pl.ds(r, 1), :]
+      out_ref[pl.ds(d, 1), cols] = src_ref[pl.ds(r, 1), :]
 
 
 def _take_rows_kernel(dest_ref, src_ref, out_ref):
-  """out[r] = src[dest[r]] (0 where dest < 0)."""
+  """out[r, cols] = src[dest[r], cols] (0 where dest < 0)."""
+  dc = out_ref.shape[1]
+  cols = pl.ds(pl.program_id(1) * dc, dc)
   for r in range(ROWS):
     d = dest_ref[r]
-    row = src_ref[pl.ds(jnp.maximum(d, 0), 1), :]
+    row = src_ref[pl.ds(jnp.maximum(d, 0), 1), cols]
     out_ref[pl.ds(r, 1), :] = jnp.where(d >= 0, row, jnp.zeros_like(row))
 
 
@@ -105,10 +123,11 @@ def _put_rows(base, src, dest, *, interpret: bool):
         _put_rows_tpu_kernel, grid_spec=spec,
         out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
         input_output_aliases={2: 0}, name="merge_put_rows")(dest, src, base)
+  dc = _chunk(d)
   return pl.pallas_call(
-      _put_rows_kernel, grid=(m_pad // ROWS,),
-      in_specs=[pl.BlockSpec((ROWS,), lambda i: (i,)),
-                pl.BlockSpec((ROWS, d), lambda i: (i, 0)),
+      _put_rows_kernel, grid=(m_pad // ROWS, d // dc),
+      in_specs=[pl.BlockSpec((ROWS,), lambda i, c: (i,)),
+                pl.BlockSpec((ROWS, dc), lambda i, c: (i, c)),
                 pl.BlockSpec(memory_space=pl.ANY)],
       out_specs=pl.BlockSpec(memory_space=pl.ANY),
       out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
@@ -129,10 +148,11 @@ def _take_rows(src, dest, *, interpret: bool):
         scratch_shapes=[pltpu.SemaphoreType.DMA(())])
     return pl.pallas_call(_take_rows_tpu_kernel, grid_spec=spec, out_shape=out_shape,
                           name="merge_take_rows")(dest, src)
+  dc = _chunk(d)
   return pl.pallas_call(
-      _take_rows_kernel, grid=(m_pad // ROWS,),
-      in_specs=[pl.BlockSpec((ROWS,), lambda i: (i,)), pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec((ROWS, d), lambda i: (i, 0)),
+      _take_rows_kernel, grid=(m_pad // ROWS, d // dc),
+      in_specs=[pl.BlockSpec((ROWS,), lambda i, c: (i,)), pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((ROWS, dc), lambda i, c: (i, c)),
       out_shape=out_shape, interpret=interpret,
       compiler_params=None if interpret else triton_params(num_warps=4, num_stages=1),
       name="merge_take_rows")(dest, src)
@@ -184,6 +204,12 @@ def merge_tokens(text_emb: jax.Array, media_emb: jax.Array, media_index: jax.Arr
   """`impl`: xla (where+gather), pallas, or auto (Pallas on GPU/TPU, XLA on CPU)."""
   if impl == "auto":
     impl = "xla" if platform() == "cpu" else "pallas"
+  mesh = jax.sharding.get_abstract_mesh()
+  if impl == "pallas" and not mesh.empty and mesh.size > 1:
+    # media_index holds batch-global rows, so a per-shard kernel needs shard-local
+    # numbering first (open in issue 3); XLA partitions the where+gather meanwhile.
+    _warn_once("model.merge=pallas runs as xla on a multi-device mesh (not yet sharded)")
+    impl = "xla"
   with jax.named_scope(f"merge_tokens_{impl}"):
     if impl == "pallas":
       return merge_tokens_pallas(text_emb, media_emb, media_index, interpret=interpret)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from mm_jax import sharding
 from mm_jax.kernels.attention import flash_attention
 
 
@@ -28,15 +30,38 @@ def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
-           causal: bool, impl: str) -> jax.Array:
-  """float[B, T, N, H] attention output; softmax in float32 inside the backends."""
+           causal: bool, impl: str, heads: tuple[str, str] = ("heads", "kv_heads")
+           ) -> jax.Array:
+  """float[B, T, N, H] attention output; softmax in float32 inside the backends.
+
+  `heads`: logical names of the query and key/value head axes (for the Pallas path's
+  shard_map; the towers use their own).
+  """
   if impl == "pallas":  # on CPU this runs the kernels in the Pallas interpreter
     with jax.named_scope("attention_pallas"):
-      return flash_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+      return _pallas_sharded(q, k, v, segment_ids, causal, heads)
   mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids)
   with jax.named_scope(f"attention_{impl}"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                         implementation=resolve(impl))
+
+
+def _pallas_sharded(q, k, v, segment_ids, causal, heads):
+  """flash_attention per shard: XLA cannot partition a Pallas call, so under a mesh the
+  kernel runs inside shard_map on each device's batch rows and heads."""
+  kernel = lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, causal=causal)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q, k, v, segment_ids)
+  batch = sharding.spec_for(("act_batch",), q.shape[:1], mesh)[0]
+  qh = sharding.spec_for((heads[0],), q.shape[2:3], mesh)[0]
+  kh = sharding.spec_for((heads[1],), k.shape[2:3], mesh)[0]
+  if qh != kh:  # a GQA group must stay on one device
+    qh = kh = None
+  q_spec, kv_spec = P(batch, None, qh, None), P(batch, None, kh, None)
+  seg = segment_ids if segment_ids is not None else jnp.ones(q.shape[:2], jnp.int32)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)),
+                       out_specs=q_spec, check_vma=False)(q, k, v, seg)
 
 
 def attend_reference(q, k, v, *, segment_ids=None, causal=True):

@@ -42,7 +42,7 @@ class VisionBlock(nnx.Module):
     """float[M, P, D] -> float[M, P, D]."""
     y = self.ln1(x)
     out = attention.attend(self.q(y), self.k(y), self.v(y), segment_ids=None, causal=False,
-                           impl=self.attention_impl)
+                           impl=self.attention_impl, heads=("vision_heads", "vision_heads"))
     x = x + self.o(out)
     return x + self.fc2(ACTIVATIONS[self.act](self.fc1(self.ln2(x))))
 

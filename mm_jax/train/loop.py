@@ -57,7 +57,8 @@ def train(cfg: Config, workdir: str) -> dict:
                     out_shardings=(built.shardings, None), donate_argnums=0)
   counts = state_lib.param_counts(built.abstract)
   flops = metrics_lib.flops_per_step(cfg.model, cfg.train.batch_size, spec.seq_len,
-                                     cfg.train.batch_size * spec.images_per_sample, counts)
+                                     cfg.train.batch_size * spec.images_per_sample, counts,
+                                     state_lib.trainable_modules(built.abstract))
   peak = metrics_lib.peak_flops_per_device()
   writer = metrics_lib.MetricsWriter(workdir)
   speed = metrics_lib.Throughput(start, total)
@@ -77,12 +78,14 @@ def train(cfg: Config, workdir: str) -> dict:
           metrics_lib.log(metrics_lib.progress_line(n, total, last))
         if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total:
           writer.write(n, evaluate_state(cfg, built, state, mesh))
-        if n < total and n % cfg.checkpoint.every == 0:
-          ckpt.save(n, state, data)
-          if ckpt.reached_preemption(n):
-            ckpt.save(n, state, data, force=True)
-            metrics_lib.log(f"preempted: saved step {n}, exiting")
-            return last
+        # Preemption is checked every step so the grace period is not wasted.
+        preempted = n < total and ckpt.reached_preemption(n)
+        if n < total and (n % cfg.checkpoint.every == 0 or preempted):
+          ckpt.save(n, state, data, force=preempted)
+        if preempted:
+          ckpt.wait()
+          metrics_lib.log(f"preempted: saved step {n}, exiting")
+          return last
       if ckpt.latest_step() != total:
         ckpt.save(total, state, data, force=True)
       result = evaluate_state(cfg, built, state, mesh)
@@ -94,11 +97,18 @@ def train(cfg: Config, workdir: str) -> dict:
     writer.close()
 
 
+@functools.cache
+def _eval_fn(built, batch_sh_items):
+  """The jitted eval step, built once per (state layout, batch layout)."""
+  return jax.jit(functools.partial(eval_step, built.fns),
+                 in_shardings=(built.shardings, dict(batch_sh_items)))
+
+
 def evaluate_state(cfg: Config, built, state, mesh) -> dict:
   """Loss, perplexity and exact-match answer accuracy on the held-out split."""
   spec = row_spec(cfg)
   batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
-  fn = jax.jit(functools.partial(eval_step, built.fns), in_shardings=(built.shardings, batch_sh))
+  fn = _eval_fn(built, tuple(sorted(batch_sh.items())))
   data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size)
   sums: dict[str, float] = {}
   for i, local in enumerate(data):

@@ -30,18 +30,25 @@ def peak_flops_per_device() -> float | None:
 
 
 def flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, images: int,
-                   params: dict[str, int]) -> float:
-  """Model FLOPs of one training step (Kaplan et al. 2020: 6 N per token, plus attention).
+                   params: dict[str, int], trainable: set[str] | frozenset = frozenset()
+                   ) -> float:
+  """Model FLOPs of one training step (Kaplan et al. 2020: 2 N per token forward).
 
-  Decoder: 6 * non-embedding params * B*T + causal attention 6 * L * B * T^2 * D.
-  Vision tower: 6 * params * patches per image (an upper bound when frozen).
+  The backward costs 4 N more for a trained module, 2 N for a frozen one that gradients
+  still pass through (the decoder in stage 1), nothing for a frozen tower at the front.
+  Decoder attention adds 2 * 2 L B T^2 D forward (causal halves it, QK^T and PV).
+  `trainable`: module names (as in `params`) with trainable parameters.
   """
   dec, vis = cfg.decoder, cfg.vision
+  factor = lambda name, front: 6 if name in trainable else (2 if front else 4)
   dec_params = params.get("decoder", 0) - dec.vocab_size * dec.width
   tokens = batch * seq_len
-  decoder = 6 * dec_params * tokens + 6 * dec.depth * batch * seq_len**2 * dec.width
+  decoder = factor("decoder", False) * (dec_params * tokens
+                                        + dec.depth * batch * seq_len**2 * dec.width)
   patches = vis.num_patches + (vis.kind == "clip")
-  vision = 6 * (params.get("towers/image", 0) + params.get("projectors/image", 0)) * patches
+  tower_front = "projectors/image" not in trainable
+  vision = (factor("towers/image", tower_front) * params.get("towers/image", 0)
+            + factor("projectors/image", True) * params.get("projectors/image", 0)) * patches
   return float(decoder + vision * images)
 
 

@@ -21,7 +21,7 @@ from mm_jax.train import optim
 from mm_jax.train.step import StepFns, TrainState
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (eval jit cache)
 class Built:
   fns: StepFns
   init: callable  # () -> TrainState
@@ -67,3 +67,9 @@ def param_counts(abstract: TrainState) -> dict[str, int]:
       counts[group] = counts.get(group, 0) + n
   counts["total"] = counts.get("trainable", 0) + counts.get("frozen", 0)
   return counts
+
+
+def trainable_modules(abstract: TrainState) -> set[str]:
+  """Top-level module names (as in `param_counts`) that hold trainable parameters."""
+  return {"/".join(str(p) for p in path[:2]) if path[0] != "decoder" else "decoder"
+          for path, _ in nnx.to_flat_state(abstract.params)}

@@ -61,7 +61,8 @@ def train_step(fns: StepFns, state: TrainState, batch: dict) -> tuple[TrainState
     ce, logits = token_losses(fns, params, state.frozen, micro)
     m = micro["loss_mask"]
     correct = ((logits.argmax(-1) == micro["targets"]) & m).sum()
-    return (ce * m).sum() / n_loss, correct
+    # where, not multiply: targets under placeholders may lie outside the vocabulary (NaN ce)
+    return jnp.where(m, ce, 0.0).sum() / n_loss, correct
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if fns.grad_accum == 1:
@@ -94,5 +95,5 @@ def eval_step(fns: StepFns, state: TrainState, batch: dict) -> dict:
   m = batch["loss_mask"]
   hit = (logits.argmax(-1) == batch["targets"]) | ~m
   has_answer = m.any(-1)
-  return {"loss_sum": (ce * m).sum(), "loss_tokens": m.sum(),
+  return {"loss_sum": jnp.where(m, ce, 0.0).sum(), "loss_tokens": m.sum(),
           "exact": (hit.all(-1) & has_answer).sum(), "answers": has_answer.sum()}

@@ -37,6 +37,7 @@ CASES = [  # b, t, s, n, k, h, causal, segments, dtype
     (3, 64, 64, 4, 2, 64, True, "packed", jnp.float32),
     (2, 40, 40, 4, 4, 64, False, "packed", jnp.float32),
     (1, 40, 24, 2, 2, 64, False, None, jnp.float32),  # cross attention, S != T
+    (1, 24, 24, 2, 2, 80, True, None, jnp.float32),  # Phi-2 head dim, padded to 128
     (2, 64, 64, 8, 2, 128, True, "packed", jnp.bfloat16),
 ]
 
@@ -85,6 +86,8 @@ def test_block_sizes_shrink_for_short_rows():
 
 
 def test_bad_arguments():
+  with pytest.raises(ValueError, match="power of two"):
+    fa.BlockSizes(q=96)
   q = jnp.zeros((1, 8, 3, 16))
   with pytest.raises(ValueError, match="not a multiple"):
     fa.flash_attention(q, jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)))
