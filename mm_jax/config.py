@@ -250,6 +250,9 @@ class Config:
       value = getattr(self, f.name)
       if dataclasses.is_dataclass(value):
         value.validate(f"{key}.{f.name}")
+    _check(self.stage == "full" or self.optim.freeze, f"{key}.stage",
+           f"{self.stage} freezes modules but config.optim.freeze is empty; pick the stage in "
+           "the config argument (configs/llava.py:7b,stage=pretrain), not by override")
     _check(self.train.batch_size % self.optim.grad_accum == 0, f"{key}.optim.grad_accum",
            f"{self.optim.grad_accum} does not divide train.batch_size {self.train.batch_size}")
 

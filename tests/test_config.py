@@ -37,6 +37,7 @@ def test_finetune_freezes_only_the_tower():
     ("optim.grad_accum", 5, "config.optim.grad_accum"),
     ("optim.freeze", ("[unclosed",), "config.optim.freeze[0]"),
     ("mesh.data", 0, "config.mesh"),
+    ("stage", "pretrain", "config.stage"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[")):

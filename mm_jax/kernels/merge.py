@@ -17,7 +17,6 @@ into the whole buffer); TPU copies rows by DMA with `dest` prefetched into SMEM.
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +24,6 @@ import jax.numpy as jnp
 from mm_jax.kernels.compat import interpret_for, pl, platform, pltpu, triton_params
 
 ROWS = 8  # media rows per grid step
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-  if message not in _WARNED:
-    _WARNED.add(message)
-    logging.warning("%s", message)
 
 
 def _chunk(d: int) -> int:
@@ -201,15 +193,13 @@ def merge_tokens_pallas(text_emb: jax.Array, media_emb: jax.Array, media_index: 
 
 def merge_tokens(text_emb: jax.Array, media_emb: jax.Array, media_index: jax.Array, *,
                  impl: str = "auto", interpret: bool | None = None) -> jax.Array:
-  """`impl`: xla (where+gather), pallas, or auto (Pallas on GPU/TPU, XLA on CPU)."""
+  """`impl`: xla (where+gather), pallas, or auto (Pallas on GPU/TPU, XLA on CPU).
+
+  XLA cannot partition a Pallas call: under a multi-device mesh call this inside
+  shard_map with shard-local `media_index` (as MultimodalModel does).
+  """
   if impl == "auto":
     impl = "xla" if platform() == "cpu" else "pallas"
-  mesh = jax.sharding.get_abstract_mesh()
-  if impl == "pallas" and not mesh.empty and mesh.size > 1:
-    # media_index holds batch-global rows, so a per-shard kernel needs shard-local
-    # numbering first (open in issue 3); XLA partitions the where+gather meanwhile.
-    _warn_once("model.merge=pallas runs as xla on a multi-device mesh (not yet sharded)")
-    impl = "xla"
   with jax.named_scope(f"merge_tokens_{impl}"):
     if impl == "pallas":
       return merge_tokens_pallas(text_emb, media_emb, media_index, interpret=interpret)

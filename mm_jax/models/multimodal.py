@@ -14,7 +14,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from mm_jax import sharding
 from mm_jax.config import ModelConfig
 from mm_jax.kernels.merge import merge_tokens
 from mm_jax.models import attention
@@ -76,17 +78,37 @@ class MultimodalModel(nnx.Module):
     """The merged input stream float[B, T, D]."""
     tokens = batch["tokens"]
     text = self.decoder.embed(tokens)
-    rows, index, base = [], jnp.full(tokens.shape, -1, jnp.int32), 0
-    for m in self.modalities:
-      if m.items_key not in batch:
-        continue
-      rows.append(self.embed_media(m, batch[m.items_key]))
-      mi = media_index(tokens, m.token_id, batch[m.valid_key], m.tokens_per_item, base)
-      index = jnp.maximum(index, mi)
-      base += rows[-1].shape[0]
-    if not rows:
+    present = [m for m in self.modalities if m.items_key in batch]
+    if not present:
       return text
-    return merge_tokens(text, jnp.concatenate(rows, 0), index, impl=self.merge_impl)
+    rows = [self.embed_media(m, batch[m.items_key]) for m in present]
+    valids = [batch[m.valid_key] for m in present]
+    return self._merge(present, tokens, text, rows, valids)
+
+  def _merge(self, present, tokens, text, rows, valids):
+    """One merge_tokens call over every modality's rows.
+
+    Under a multi-device mesh the Pallas kernel runs per shard (XLA cannot partition a
+    Pallas call): each shard holds whole rows with their own media slots, so numbering
+    placeholders within the shard picks the same rows as the batch-wide walk.
+    """
+    def local(tokens, text, *media):
+      index, base = jnp.full(tokens.shape, -1, jnp.int32), 0
+      for m, r, valid in zip(present, media[:len(present)], media[len(present):], strict=True):
+        index = jnp.maximum(index, media_index(tokens, m.token_id, valid, m.tokens_per_item,
+                                               base))
+        base += r.shape[0]
+      return merge_tokens(text, jnp.concatenate(media[:len(present)], 0), index,
+                          impl=self.merge_impl)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if self.merge_impl != "pallas" or mesh.empty or mesh.size == 1:
+      return local(tokens, text, *rows, *valids)
+    batch = sharding.spec_for(("act_batch",), tokens.shape[:1], mesh)[0]
+    specs = ((P(batch, None), P(batch, None, None)) + (P(batch, None),) * len(rows)
+             + (P(batch),) * len(valids))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(batch, None, None),
+                         check_vma=False)(tokens, text, *rows, *valids)
 
   def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
     return self.decoder(self.embed(batch), batch["positions"], batch["segment_ids"])

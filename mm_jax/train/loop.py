@@ -35,9 +35,22 @@ def write_config(cfg: Config, workdir: str) -> None:
       json.dump(config_lib.to_dict(cfg), f, indent=2)
 
 
+def check_batch(cfg: Config, mesh) -> None:
+  """Every micro-batch must split evenly over the data-parallel devices (else XLA
+  reshuffles rows between devices on every step)."""
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = cfg.train.batch_size // cfg.optim.grad_accum
+  if micro % dp:
+    raise config_lib.ConfigError(
+        f"config.optim.grad_accum: micro-batch {micro} (train.batch_size "
+        f"{cfg.train.batch_size} / {cfg.optim.grad_accum}) not divisible by {dp} "
+        "data-parallel devices (mesh data x fsdp)")
+
+
 def train(cfg: Config, workdir: str) -> dict:
   """Trains to `cfg.train.steps`, resuming from the latest checkpoint in `workdir`."""
   mesh = sharding.make_mesh(cfg.mesh)
+  check_batch(cfg, mesh)
   write_config(cfg, workdir)
   built = state_lib.build(cfg, mesh)
   spec, total = row_spec(cfg), cfg.train.steps

@@ -3,6 +3,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_config
 from flax import nnx
 from helpers import losses_on_mesh
@@ -58,3 +59,12 @@ def test_loss_counts_only_masked_tokens():
   with jax.set_mesh(mesh):
     _, m2 = step(state2, jax.tree.map(jnp.asarray, changed))
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+
+
+def test_micro_batches_must_split_over_data_parallel_devices():
+  from mm_jax import config as config_lib
+
+  cfg = tiny_config(**{"train.batch_size": 8, "optim.grad_accum": 4, "mesh.data": 4})
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+  with pytest.raises(config_lib.ConfigError, match="config.optim.grad_accum: micro-batch 2"):
+    loop.check_batch(cfg, mesh)
