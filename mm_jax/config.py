@@ -140,17 +140,37 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic (llava_json and tfds: issue 4)
-  task: str = "qa"  # qa (stage 2 style) | caption (stage 1 style)
+  source: str = "synthetic"  # synthetic | llava_json
+  task: str = "qa"  # synthetic only: qa (stage 2 style) | caption (stage 1 style)
   seq_len: int = 64
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
-  num_train: int = 20000
-  num_eval: int = 512
+  pack: bool = True  # first-fit several samples into one row (segment ids keep them apart)
+  num_train: int = 20000  # synthetic only
+  num_eval: int = 512  # synthetic only
   seed: int = 0
   worker_count: int = 0  # grain worker processes (0: decode in the main process)
+  # llava_json: a LLaVA JSON / JSON Lines file, its image folder, a tokenizer
+  # (SentencePiece .model, tokenizer.json, or a folder holding one), and a template.
+  json: str = ""
+  eval_json: str = ""  # held-out records for --mode=eval and the final eval
+  image_dir: str = ""
+  tokenizer: str = ""
+  template: str = "vicuna_v1"  # plain (stage 1) | vicuna_v1 (LLaVA-1.5) | llama3
+  image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5) | resize | crop
+  strict: bool = False  # stop at the first bad record instead of skipping it
+  max_skip_fraction: float = 0.01  # stop when more records than this are bad
 
   def validate(self, key: str) -> None:
-    _check(self.source in ("synthetic",), f"{key}.source", f"unknown source {self.source!r}")
+    _check(self.source in ("synthetic", "llava_json"), f"{key}.source",
+           f"unknown source {self.source!r} (synthetic | llava_json)")
+    if self.source == "llava_json":
+      for name in ("json", "image_dir", "tokenizer"):
+        _check(bool(getattr(self, name)), f"{key}.{name}", "required by source=llava_json")
+    _check(self.template in ("plain", "vicuna_v1", "llama3"), f"{key}.template",
+           f"must be plain|vicuna_v1|llama3, got {self.template!r}")
+    _check(self.image_aspect_ratio in ("pad", "resize", "crop"), f"{key}.image_aspect_ratio",
+           f"must be pad|resize|crop, got {self.image_aspect_ratio!r}")
+    _check(0 <= self.max_skip_fraction <= 1, f"{key}.max_skip_fraction", "must be in [0, 1]")
     _check(self.task in ("qa", "caption"), f"{key}.task", f"must be qa|caption, got {self.task!r}")
     _check(self.seq_len > 0, f"{key}.seq_len", "must be positive")
     _check(self.images_per_sample >= 1, f"{key}.images_per_sample", "must be >= 1")

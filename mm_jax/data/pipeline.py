@@ -1,22 +1,34 @@
-"""Sample -> tokens + media rows -> batches, through grain, one shard per JAX process.
+"""Samples -> examples -> packed rows -> batches, through grain, one shard per JAX process.
 
 Every batch is a dict of numpy arrays with DESIGN.md's keys and static shapes:
 tokens/targets/loss_mask/segment_ids/positions [B, T], images float32[B*Mi, S, S, 3],
-image_valid bool[B*Mi]. Packing several samples per row is issue 4; here each sample
-takes one row (segment 1) and the tail is padding (segment 0).
+image_valid bool[B*Mi]. Stages:
+
+1. source: a grain MapDataset of raw items (synthetic index, LLaVA JSON record), this
+   process's share only (`ds[i::n]`).
+2. example (in grain workers when `data.worker_count > 0`): decode, template, expand tags,
+   shift into next-token form, truncate; a bad item becomes a `Skip` marker, never an
+   exception (a worker must not die on one record).
+3. skip accounting (main process, after the workers, so counts do not depend on the
+   worker count): markers are dropped and counted per reason; `strict` stops at once.
+4. packing: grain's first-fit packer fills rows of T tokens and Mi image slots and
+   writes segment ids and positions (`data.pack=False`: one example per row).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from mm_jax.config import DataConfig, VisionConfig
-from mm_jax.data import synthetic
-from mm_jax.data.text import IMAGE_TAG, WordTokenizer, render
+from mm_jax.data import skips, synthetic
+from mm_jax.data.errors import BadRecord
+from mm_jax.data.text import IMAGE_TAG, Encoded, WordTokenizer, render
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +53,8 @@ def synthetic_tokenizer() -> WordTokenizer:
   return WordTokenizer(synthetic.WORDS)
 
 
-class SampleError(ValueError):
-  """A sample that cannot become a row; the message names the sample id."""
+class SampleError(BadRecord):
+  """Kept for callers of `to_row`; a BadRecord whose message names the sample id."""
 
 
 def normalise(image: np.ndarray, spec: RowSpec) -> np.ndarray:
@@ -51,34 +63,119 @@ def normalise(image: np.ndarray, spec: RowSpec) -> np.ndarray:
   return (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
 
 
-def to_row(sample: dict, tokenizer: WordTokenizer, spec: RowSpec) -> dict[str, np.ndarray]:
-  """One sample -> one padded row of every batch key (images as [Mi, S, S, 3])."""
-  images = [sample["image"]] if "image" in sample else list(sample.get("images", []))
-  n_tags = sample["prompt"].count(IMAGE_TAG)
+# ----------------------------------------------------------------------------- examples
+
+
+def truncate(enc: Encoded, n_images: int, spec: RowSpec, record_id: str) -> tuple[Encoded, int]:
+  """Fits an example into T + 1 ids: cuts text only, never inside an image's placeholders.
+
+  A cut that lands inside (or before the end of) an image's placeholder run moves to the
+  start of that run and drops that image and every later one. Raises `too_long` when not
+  even the first image fits, or when nothing to learn (no loss token) remains.
+  """
+  limit = spec.seq_len + 1
+  if len(enc.tokens) <= limit:
+    return enc, n_images
+  is_ph = enc.tokens == spec.image_token_id
+  run_starts = np.flatnonzero(is_ph & ~np.concatenate([[False], is_ph[:-1]]))
+  kept = int(np.sum(run_starts + spec.tokens_per_image <= limit))  # images wholly inside
+  cut = limit if kept == len(run_starts) else int(run_starts[kept])
+  if n_images and kept == 0:
+    raise BadRecord("too_long", record_id, f"its first image alone needs more than "
+                    f"data.seq_len={spec.seq_len} tokens")
+  tokens, answer = enc.tokens[:cut], enc.answer[:cut]
+  if not answer[1:].any():
+    raise BadRecord("too_long", record_id, f"no answer token within data.seq_len="
+                    f"{spec.seq_len} after truncation")
+  return Encoded(tokens, answer), kept
+
+
+def to_example(record_id: str, enc: Encoded, images: list[np.ndarray], spec: RowSpec
+               ) -> dict[str, np.ndarray]:
+  """Encoded ids + images -> next-token example {tokens, targets, loss_mask, images}."""
+  n_tags = int(np.sum(enc.tokens == spec.image_token_id)) // max(spec.tokens_per_image, 1)
   if n_tags != len(images):
-    raise SampleError(f"{sample['id']}: {n_tags} {IMAGE_TAG} tags but {len(images)} images")
-  if len(images) > spec.images_per_sample:
-    raise SampleError(f"{sample['id']}: {len(images)} images > data.images_per_sample "
-                      f"{spec.images_per_sample}")
+    raise SampleError("tag_mismatch", record_id,
+                      f"{n_tags} {IMAGE_TAG} tags but {len(images)} images")
+  enc, kept = truncate(enc, len(images), spec, record_id)
+  if kept > spec.images_per_sample:
+    raise BadRecord("too_many_images", record_id, f"{kept} images > data.images_per_sample "
+                    f"{spec.images_per_sample}")
+  s = spec.image_size
+  pixels = np.zeros((kept, s, s, 3), np.float32)
+  for i, image in enumerate(images[:kept]):
+    pixels[i] = image if image.dtype == np.float32 else normalise(image, spec)
+  return {"tokens": enc.tokens[:-1], "targets": enc.tokens[1:], "loss_mask": enc.answer[1:],
+          "images": pixels}
+
+
+def guarded(make: Callable[[object], dict], describe: Callable[[object], str]
+            ) -> Callable[[object], dict]:
+  """Wraps an example maker so that a bad record becomes a skip marker."""
+  def run(item):
+    try:
+      return make(item)
+    except BadRecord as e:
+      return skips.marker(e.reason, e.record_id, str(e))
+    except Exception as e:  # noqa: BLE001  (a worker must survive any one record)
+      return skips.marker("error", describe(item), f"{type(e).__name__}: {e}")
+  return run
+
+
+def to_row(sample: dict, tokenizer: WordTokenizer, spec: RowSpec) -> dict[str, np.ndarray]:
+  """One synthetic-style sample -> one unpacked, padded row (tests and tools)."""
+  images = [sample["image"]] if "image" in sample else list(sample.get("images", []))
   enc = render(tokenizer, sample["prompt"], sample["answer"],
                image_token_id=spec.image_token_id, tokens_per_image=spec.tokens_per_image)
-  n, t = len(enc.tokens), spec.seq_len
-  if n > t + 1:  # the last token is only a target, so T + 1 ids fit a row of length T
-    raise SampleError(f"{sample['id']}: {n} tokens do not fit data.seq_len {t}")
-  ids = np.zeros(t + 1, np.int32)
-  ids[:n] = enc.tokens
-  answer = np.zeros(t + 1, bool)
-  answer[:n] = enc.answer
-  s = spec.image_size
-  pixels = np.zeros((spec.images_per_sample, s, s, 3), np.float32)
-  for i, image in enumerate(images):
-    pixels[i] = normalise(image, spec)
-  return {
-      "tokens": ids[:t], "targets": ids[1:], "loss_mask": answer[1:],
-      "segment_ids": (np.arange(t) < n).astype(np.int32),
-      "positions": np.arange(t, dtype=np.int32),
-      "images": pixels, "image_valid": np.arange(spec.images_per_sample) < len(images),
-  }
+  n_tags = sample["prompt"].count(IMAGE_TAG)
+  if n_tags != len(images):
+    raise SampleError("tag_mismatch", sample["id"],
+                      f"{n_tags} {IMAGE_TAG} tags but {len(images)} images")
+  if len(enc.tokens) > spec.seq_len + 1:
+    raise SampleError("too_long", sample["id"],
+                      f"{len(enc.tokens)} tokens do not fit data.seq_len {spec.seq_len}")
+  return _pad_row(to_example(sample["id"], enc, images, spec), spec)
+
+
+def _pad_row(ex: dict[str, np.ndarray], spec: RowSpec) -> dict[str, np.ndarray]:
+  t, n = spec.seq_len, len(ex["tokens"])
+  pad = lambda x: np.pad(x, (0, t - n))
+  images = np.zeros((spec.images_per_sample,) + ex["images"].shape[1:], np.float32)
+  images[: len(ex["images"])] = ex["images"]
+  return {"tokens": pad(ex["tokens"]), "targets": pad(ex["targets"]),
+          "loss_mask": pad(ex["loss_mask"]), "segment_ids": pad(np.ones(n, np.int32)),
+          "positions": pad(np.arange(n, dtype=np.int32)), "images": images,
+          "image_valid": np.arange(spec.images_per_sample) < len(ex["images"])}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def synthetic_examples(data: DataConfig, spec: RowSpec, *, split: str
+                       ) -> tuple[grain.MapDataset, Callable]:
+  tokenizer = synthetic_tokenizer()
+  n = data.num_train if split == "train" else data.num_eval
+
+  def make(index) -> dict[str, np.ndarray]:
+    sample = synthetic.example(int(index), split=split, seed=data.seed,
+                               image_size=spec.image_size, task=data.task)
+    enc = render(tokenizer, sample["prompt"], sample["answer"],
+                 image_token_id=spec.image_token_id, tokens_per_image=spec.tokens_per_image)
+    return to_example(sample["id"], enc, [sample["image"]], spec)
+
+  return grain.MapDataset.range(n), guarded(make, lambda i: f"synthetic-{split}-{i}")
+
+
+def source_examples(data: DataConfig, spec: RowSpec, *, split: str):
+  """(MapDataset of raw items, item -> example-or-marker) for the configured source."""
+  if data.source == "synthetic":
+    return synthetic_examples(data, spec, split=split)
+  from mm_jax.data import llava
+
+  return llava.llava_examples(data, spec, split=split)
+
+
+# ----------------------------------------------------------------------------- batches
 
 
 def collate(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,43 +186,46 @@ def collate(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def synthetic_dataset(data: DataConfig, spec: RowSpec, *, split: str) -> grain.MapDataset:
-  tokenizer = synthetic_tokenizer()
-  n = data.num_train if split == "train" else data.num_eval
-
-  def make(index: int) -> dict[str, np.ndarray]:
-    sample = synthetic.example(int(index), split=split, seed=data.seed,
-                               image_size=spec.image_size, task=data.task)
-    return to_row(sample, tokenizer, spec)
-
-  return grain.MapDataset.range(n).map(make)
+def _row_from_packed(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"tokens": p["tokens"], "targets": p["targets"],
+          "loss_mask": p["loss_mask"].astype(bool), "segment_ids": p["tokens_segment_ids"],
+          "positions": p["tokens_positions"], "images": p["images"],
+          "image_valid": p["images_segment_ids"] > 0}
 
 
-def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: int
-                   ) -> grain.DatasetIterator:
-  """Endless, shuffled, checkpointable iterator over this process's share of the batch."""
-  ds = synthetic_dataset(data, spec, split="train")
-  ds = ds.shuffle(seed=seed).repeat(None)
-  return _batched(ds, data, global_batch)
-
-
-def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int
-                  ) -> grain.DatasetIterator:
-  """One pass over the held-out split (the last partial batch is dropped)."""
-  return _batched(synthetic_dataset(data, spec, split="eval"), data, global_batch)
-
-
-def _batched(ds: grain.MapDataset, data: DataConfig, global_batch: int
-             ) -> grain.DatasetIterator:
+def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,
+              global_batch: int, stats: skips.SkipStats) -> grain.DatasetIterator:
   pc, pi = jax.process_count(), jax.process_index()
   if global_batch % pc:
     raise ValueError(f"config.train.batch_size {global_batch} not divisible by {pc} processes")
-  ds = ds[pi::pc]  # each process reads only its own samples
-  it = ds.to_iter_dataset()
+  it = items[pi::pc].map(make).to_iter_dataset()  # each process reads only its own items
   if data.worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use, tests)
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
-  it = it.batch(global_batch // pc, drop_remainder=True).map(collate)
+  it = skips.SkipFilterIterDataset(it, stats, strict=data.strict)
+  t, m = spec.seq_len, spec.images_per_sample
+  it = grain.experimental.FirstFitPackIterDataset(
+      it, length_struct={"tokens": t, "targets": t, "loss_mask": t, "images": m},
+      num_packing_bins=max(global_batch // pc, 1) if data.pack else 1, shuffle_bins=False,
+      max_sequences_per_bin=None if data.pack else 1)
+  it = it.map(_row_from_packed).batch(global_batch // pc, drop_remainder=True).map(collate)
   return iter(it)
+
+
+def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: int,
+                   stats: skips.SkipStats | None = None) -> grain.DatasetIterator:
+  """Endless, shuffled, checkpointable iterator over this process's share of the batch."""
+  items, make = source_examples(data, spec, split="train")
+  items = items.shuffle(seed=seed).repeat(None)
+  return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
+
+
+def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int,
+                  stats: skips.SkipStats | None = None) -> grain.DatasetIterator:
+  """One pass over the held-out split (the last partial batch is dropped)."""
+  items, make = source_examples(data, spec, split="eval")
+  return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

@@ -12,7 +12,7 @@ import numpy as np
 from mm_jax import config as config_lib
 from mm_jax import sharding
 from mm_jax.config import Config
-from mm_jax.data import pipeline
+from mm_jax.data import pipeline, skips
 from mm_jax.train import metrics as metrics_lib
 from mm_jax.train import state as state_lib
 from mm_jax.train.checkpoint import Checkpointer, restore_target
@@ -54,8 +54,9 @@ def train(cfg: Config, workdir: str) -> dict:
   write_config(cfg, workdir)
   built = state_lib.build(cfg, mesh)
   spec, total = row_spec(cfg), cfg.train.steps
+  stats = skips.SkipStats()
   data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed, stats=stats)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   start = ckpt.latest_step() or 0
   with jax.set_mesh(mesh):
@@ -80,11 +81,14 @@ def train(cfg: Config, workdir: str) -> dict:
     with jax.set_mesh(mesh):
       for step in range(start, total):
         local = next(data)
-        speed.add(int((local["segment_ids"] > 0).sum()) * jax.process_count())
+        real = int((local["segment_ids"] > 0).sum())
+        speed.add(real * jax.process_count())
         state, m = step_fn(state, pipeline.global_batch(local, batch_sh))
         n = step + 1
         if n % cfg.train.log_every == 0 or n == total:
-          last = {**jax.device_get(m), **speed.report(n), "data/skipped": 0}
+          stats.check(cfg.data.max_skip_fraction)
+          last = {**jax.device_get(m), **speed.report(n), **stats.metrics(),
+                  "data/packing_efficiency": real / local["segment_ids"].size}
           last["mfu"] = (flops / last["step_time_s"] / (peak * jax.device_count())
                          if peak else None)
           writer.write(n, last)

@@ -24,7 +24,8 @@ def test_batch_contract():
   assert ((batch["tokens"] == img).sum(1) == p).all()
   assert (batch["tokens"][:, 1:1 + p] == img).all()
   # Next-token targets; the loss only on the answer and <eos>.
-  np.testing.assert_array_equal(batch["targets"][:, :-1], batch["tokens"][:, 1:])
+  inside = batch["segment_ids"][:, 1:] > 0  # next-token targets inside each sample
+  np.testing.assert_array_equal(batch["targets"][:, :-1][inside], batch["tokens"][:, 1:][inside])
   assert not batch["loss_mask"][batch["tokens"] == img].any()
   eos = pipeline.synthetic_tokenizer().eos_id
   for row in range(4):
@@ -32,7 +33,7 @@ def test_batch_contract():
     assert batch["targets"][row, last] == eos
     n = batch["segment_ids"][row].sum()
     assert batch["segment_ids"][row, :n].all() and not batch["segment_ids"][row, n:].any()
-    assert last == n - 2  # the <eos> target sits under the second-to-last real token
+    assert last == n - 1  # <eos> is only a target: it sits under the last real token
 
 
 def test_deterministic_and_splits_disjoint():
@@ -79,8 +80,105 @@ def test_bad_samples_name_the_record():
   tok = pipeline.synthetic_tokenizer()
   image = np.zeros((32, 32, 3), np.uint8)
   two_tags = {"id": "rec-1", "image": image, "prompt": [IMAGE_TAG, IMAGE_TAG], "answer": []}
-  with pytest.raises(pipeline.SampleError, match="rec-1: 2 <image> tags but 1 images"):
+  with pytest.raises(pipeline.SampleError,
+                     match="rec-1: tag_mismatch: 2 <image> tags but 1 images"):
     pipeline.to_row(two_tags, tok, spec)
   long = {"id": "rec-2", "image": image, "prompt": [IMAGE_TAG] + ["what"] * 100, "answer": []}
   with pytest.raises(pipeline.SampleError, match="rec-2: .* do not fit data.seq_len"):
     pipeline.to_row(long, tok, spec)
+
+
+def test_packing_puts_several_samples_in_a_row():
+  cfg, spec = _spec(**{"data.seq_len": 160, "data.images_per_sample": 2})
+  batch = next(pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0))
+  p, img = spec.tokens_per_image, spec.image_token_id
+  seg, pos = batch["segment_ids"], batch["positions"]
+  assert (seg.max(1) == 2).all()  # two samples per row
+  for row in range(4):
+    for s in (1, 2):
+      where = np.flatnonzero(seg[row] == s)
+      np.testing.assert_array_equal(pos[row, where], np.arange(len(where)))  # restarts
+      assert (batch["tokens"][row, where][1:1 + p] == img).all()  # its image first
+  assert batch["image_valid"].all()  # two images per row, in row order
+  # Targets never cross a sample boundary: the last target of segment 1 is <eos>.
+  eos = pipeline.synthetic_tokenizer().eos_id
+  for row in range(4):
+    end = np.flatnonzero(seg[row] == 1)[-1]
+    assert batch["targets"][row, end] == eos and batch["loss_mask"][row, end]
+
+
+def test_truncation_keeps_whole_images_or_drops_the_sample():
+  from mm_jax.data.errors import BadRecord
+  from mm_jax.data.text import Encoded
+
+  _, spec = _spec(**{"data.seq_len": 40})  # 64 placeholders per image do not fit
+  img = spec.image_token_id
+  ids = np.array([1] + [img] * 64 + [5, 6, 2], np.int32)
+  enc = Encoded(ids, np.array([False] * 66 + [True, True]))
+  with pytest.raises(BadRecord, match="too_long: its first image alone"):
+    pipeline.truncate(enc, 1, spec, "r1")
+  _, spec = _spec(**{"data.seq_len": 80})
+  text = Encoded(np.array([1] + [7] * 100 + [2], np.int32), np.array([False] + [True] * 101))
+  cut, kept = pipeline.truncate(text, 0, spec, "r2")
+  assert len(cut.tokens) == 81 and kept == 0  # text-only: cut to T + 1 ids
+  two = np.array([1] + [img] * 64 + [7] * 10 + [img] * 64 + [2], np.int32)
+  enc = Encoded(two, np.array([False] * 75 + [True] * 65))
+  with pytest.raises(BadRecord, match="no answer token"):  # cut before the 2nd image
+    pipeline.truncate(enc, 2, spec, "r3")
+  answer_early = Encoded(two, np.array([False] * 66 + [True] * 9 + [False] * 65))
+  cut, kept = pipeline.truncate(answer_early, 2, spec, "r4")
+  assert kept == 1 and len(cut.tokens) == 75  # the second image's run is dropped whole
+
+
+def _with_bad_samples(monkeypatch, every: int):
+  """Synthetic samples whose index is a multiple of `every` fail with tag_mismatch."""
+  real = pipeline.synthetic.example
+
+  def example(index, **kw):
+    sample = real(index, **kw)
+    if index % every == 0:
+      sample["prompt"] = sample["prompt"] + ["<image>"]
+    return sample
+
+  monkeypatch.setattr(pipeline.synthetic, "example", example)
+
+
+def test_bad_samples_are_skipped_counted_and_resumed(monkeypatch):
+  from mm_jax.data import skips
+
+  _with_bad_samples(monkeypatch, every=3)
+  cfg, spec = _spec(**{"data.num_train": 60})
+  stats = skips.SkipStats()
+  it = pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0, stats=stats)
+  for _ in range(5):
+    next(it)
+  assert stats.counts == {"tag_mismatch": stats.skipped} and stats.skipped >= 5
+  assert 0 <= stats.seen - (20 + stats.skipped) <= 1  # the packer reads one ahead
+  with pytest.raises(skips.DataError, match="max_skip_fraction"):
+    skips.SkipStats(seen=200, counts={"tag_mismatch": 3}).check(0.01)
+  state = it.get_state()
+  stats2 = skips.SkipStats()
+  it2 = pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0, stats=stats2)
+  it2.set_state(state)
+  assert stats2.counts == stats.counts  # counts resume with the iterator
+  np.testing.assert_array_equal(next(it2)["tokens"], next(it)["tokens"])
+
+
+def test_strict_mode_stops_at_the_first_bad_record(monkeypatch):
+  from mm_jax.data import skips
+
+  _with_bad_samples(monkeypatch, every=1)
+  cfg, spec = _spec(**{"data.strict": True})
+  it = pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0)
+  with pytest.raises(skips.DataError, match=r"data.strict: record synthetic-train-\d+: "
+                                            "tag_mismatch"):
+    next(it)
+
+
+def test_worker_processes_give_the_same_batches():
+  cfg, spec = _spec()
+  cfg2, _ = _spec(**{"data.worker_count": 2})
+  a = pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0)
+  b = pipeline.train_iterator(cfg2.data, spec, global_batch=4, seed=0)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(a)["tokens"], next(b)["tokens"])
