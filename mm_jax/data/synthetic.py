@@ -88,3 +88,28 @@ def example(index: int, *, split: str, seed: int, image_size: int, task: str) ->
     prompt = [IMAGE_TAG] + q
   return {"id": f"synthetic-{split}-{index}", "image": image, "prompt": prompt,
           "answer": answer}
+
+
+def export_llava(out_dir: str, n: int, *, split: str = "train", seed: int = 0,
+                 image_size: int = 64, task: str = "qa") -> str:
+  """Writes samples 0..n-1 as a LLaVA-format folder (PNG images + data.json) and returns
+  the JSON path: a small real-format data set for trying `data.source=llava_json`."""
+  import json
+  import os
+
+  from PIL import Image
+
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  records = []
+  for i in range(n):
+    ex = example(i, split=split, seed=seed, image_size=image_size, task=task)
+    name = f"images/{split}_{i}.png"
+    Image.fromarray(ex["image"]).save(os.path.join(out_dir, name))
+    question = " ".join(w for w in ex["prompt"] if w != IMAGE_TAG)
+    records.append({"id": ex["id"], "image": name, "conversations": [
+        {"from": "human", "value": f"{IMAGE_TAG}\n{question}".rstrip()},
+        {"from": "gpt", "value": " ".join(ex["answer"])}]})
+  path = os.path.join(out_dir, f"{split}.json")
+  with open(path, "w") as f:
+    json.dump(records, f, indent=1)
+  return path

@@ -100,7 +100,11 @@ def render(tokenizer: WordTokenizer, prompt: list[str], answer: list[str], *,
 
 
 class Tokenizer(Protocol):
-  """What the templates need; `TextTokenizer` and `WordTokenizer` both provide it."""
+  """What the templates need; `TextTokenizer` and `WordTokenizer` both provide it.
+
+  tags: the placeholder tags that `encode` keeps whole. prefix_space: whether `encode`
+  starts every text with a word boundary of its own (SentencePiece's dummy prefix).
+  """
 
   tags: tuple[str, ...]
   prefix_space: bool
@@ -121,7 +125,8 @@ class Tokenizer(Protocol):
 
 @functools.lru_cache(maxsize=64)
 def _tag_pattern(tags: tuple[str, ...]) -> re.Pattern:
-  # Longest first, so a tag that is a prefix of another never wins; the group keeps tags.
+  # Longest first, so a tag that is a prefix of a longer one never cuts it; the group keeps
+  # the tags in the split.
   alternatives = "|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True))
   return re.compile(f"({alternatives})")
 
@@ -339,29 +344,36 @@ _LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|e
 _Segment = tuple[str | int, bool]
 
 
+def _turn(n: int, turn) -> tuple[str, str]:
+  """One turn, (role, text) or {"from": role, "value": text} -> ("human" | "gpt", text)."""
+  if isinstance(turn, Mapping):
+    role, text = turn.get("from"), turn.get("value")
+  elif isinstance(turn, (tuple, list)) and len(turn) == 2:
+    role, text = turn
+  else:
+    raise ValueError(f"turn {n}: expected (role, text), got {turn!r}")
+  if not isinstance(role, str) or role.lower() not in _ROLES:
+    raise ValueError(f"turn {n}: unknown role {role!r}; expected one of {sorted(_ROLES)}")
+  if not isinstance(text, str):
+    raise ValueError(f"turn {n}: text must be a string, got {type(text).__name__}")
+  return _ROLES[role.lower()], text
+
+
 def _exchanges(conversation) -> list[tuple[str, str]]:
-  """[(role, text)] (or LLaVA's [{"from", "value"}]) -> validated [(human, gpt)] pairs."""
+  """A conversation -> validated [(human text, gpt text)] pairs."""
   if not conversation:
     raise ValueError("empty conversation")
-  turns = []
-  for n, turn in enumerate(conversation):
-    role, text = (turn["from"], turn["value"]) if isinstance(turn, Mapping) else turn
-    if not isinstance(role, str) or role.lower() not in _ROLES:
-      raise ValueError(f"turn {n}: unknown role {role!r}; expected one of {sorted(_ROLES)}")
-    if not isinstance(text, str):
-      raise ValueError(f"turn {n}: text must be a string, got {type(text).__name__}")
-    turns.append((_ROLES[role.lower()], text))
+  turns = [_turn(n, t) for n, t in enumerate(conversation)]
   if turns[0][0] != "human":
     raise ValueError(f"the conversation must start with a human turn, not {turns[0][0]}")
-  for n in range(1, len(turns)):
-    if turns[n][0] == turns[n - 1][0]:
-      raise ValueError(f"turns {n - 1} and {n} are both {turns[n][0]}; roles must alternate")
   for n, (role, text) in enumerate(turns):
+    if n and role == turns[n - 1][0]:
+      raise ValueError(f"turns {n - 1} and {n} are both {role}; roles must alternate")
     if role == "gpt" and not text.strip():
       raise ValueError(f"turn {n}: empty gpt answer")
   if turns[-1][0] == "human":
-    raise ValueError(f"turn {len(turns) - 1}: the conversation ends with an unanswered human "
-                     "turn")
+    raise ValueError(f"turn {len(turns) - 1}: the conversation ends with an unanswered "
+                     "human turn")
   return [(turns[n][1], turns[n + 1][1]) for n in range(0, len(turns), 2)]
 
 
