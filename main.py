@@ -4,6 +4,8 @@
   python main.py --config=configs/llava.py:7b,stage=pretrain --dry_run
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,11 +24,14 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from mm_jax import config, run
+  from mm_jax.data.skips import DataError
 
   try:
     run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value)
   except config.ConfigError as e:  # a bad value: name the key, no traceback
     raise app.UsageError(str(e)) from None
+  except DataError as e:  # strict mode or too many bad records: the message says which
+    sys.exit(f"data error: {e}")
 
 
 if __name__ == "__main__":

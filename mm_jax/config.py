@@ -140,7 +140,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic | llava_json
+  source: str = "synthetic"  # synthetic | llava_json | tfds (llava_json via ArrayRecord)
   task: str = "qa"  # synthetic only: qa (stage 2 style) | caption (stage 1 style)
   seq_len: int = 64
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
@@ -154,6 +154,7 @@ class DataConfig:
   json: str = ""
   eval_json: str = ""  # held-out records for --mode=eval and the final eval
   image_dir: str = ""
+  tfds_dir: str = ""  # tfds: where the ArrayRecord conversion is written (once)
   tokenizer: str = ""
   template: str = "vicuna_v1"  # plain (stage 1) | vicuna_v1 (LLaVA-1.5) | llama3
   image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5) | resize | crop
@@ -161,11 +162,13 @@ class DataConfig:
   max_skip_fraction: float = 0.01  # stop when more records than this are bad
 
   def validate(self, key: str) -> None:
-    _check(self.source in ("synthetic", "llava_json"), f"{key}.source",
-           f"unknown source {self.source!r} (synthetic | llava_json)")
-    if self.source == "llava_json":
-      for name in ("json", "image_dir", "tokenizer"):
-        _check(bool(getattr(self, name)), f"{key}.{name}", "required by source=llava_json")
+    _check(self.source in ("synthetic", "llava_json", "tfds"), f"{key}.source",
+           f"unknown source {self.source!r} (synthetic | llava_json | tfds)")
+    if self.source != "synthetic":
+      names = ("json", "image_dir", "tokenizer") + (("tfds_dir",) if self.source == "tfds"
+                                                   else ())
+      for name in names:
+        _check(bool(getattr(self, name)), f"{key}.{name}", f"required by source={self.source}")
     _check(self.template in ("plain", "vicuna_v1", "llama3"), f"{key}.template",
            f"must be plain|vicuna_v1|llama3, got {self.template!r}")
     _check(self.image_aspect_ratio in ("pad", "resize", "crop"), f"{key}.image_aspect_ratio",

@@ -1,4 +1,7 @@
-"""The `llava_json` source wired into the pipeline: records -> examples.
+"""The `llava_json` and `tfds` sources wired into the pipeline: records -> examples.
+
+`tfds` reads the same JSON + images, converted once into ArrayRecord files under
+`data.tfds_dir` (tensorflow-datasets, no TensorFlow), and then reads records at random.
 
 `data.json` (JSON list or JSON Lines, LLaVA's format) with images under `data.image_dir`,
 tokenised by `data.tokenizer` with `data.template`; each `<image>` tag expands into as many
@@ -10,7 +13,7 @@ from __future__ import annotations
 import grain
 
 from mm_jax.config import ConfigError, DataConfig
-from mm_jax.data import media, sources, text
+from mm_jax.data import media, sources, text, tfds_source
 from mm_jax.data.text import IMAGE_TAG
 
 
@@ -24,6 +27,19 @@ def tokenizer_for(data: DataConfig, image_token_id: int):
   return tok
 
 
+def _built_tfds(json_path: str, data: DataConfig) -> str:
+  """Converts the JSON + images to ArrayRecord once (process 0; the others wait)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 0:
+    path = tfds_source.build(json_path, data.image_dir, data.tfds_dir)
+  multihost_utils.sync_global_devices("mm_jax_tfds_build")
+  if jax.process_index() != 0:
+    path = tfds_source.build(json_path, data.image_dir, data.tfds_dir)  # reuses the build
+  return path
+
+
 def llava_examples(data: DataConfig, spec, *, split: str):
   """(MapDataset of records, record -> example-or-marker)."""
   from mm_jax.data import pipeline
@@ -31,12 +47,17 @@ def llava_examples(data: DataConfig, spec, *, split: str):
   path = data.json if split == "train" else data.eval_json
   if not path:
     raise ConfigError("config.data.eval_json: required to evaluate a llava_json run")
-  records = sources.LlavaJsonSource(path, data.image_dir)
   tok = tokenizer_for(data, spec.image_token_id)
   expand = {spec.image_token_id: spec.tokens_per_image}
+  if data.source == "tfds":
+    records = tfds_source.TfdsRecords(_built_tfds(path, data))
+    parse = tfds_source.parse_tfds_record
+  else:
+    records = sources.LlavaJsonSource(path, data.image_dir)
+    parse = lambda record: sources.parse_record(record, image_dir=data.image_dir)
 
   def make(record) -> dict:
-    sample = sources.parse_record(record, image_dir=data.image_dir)
+    sample = parse(record)
     images = [media.preprocess(im, size=spec.image_size, aspect=data.image_aspect_ratio,
                                mean=spec.mean, std=spec.std) for im in sample.images]
     enc = text.render_conversation(tok, sample.conversation, data.template, expand=expand)

@@ -203,7 +203,8 @@ def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: R
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use, tests)
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
-  it = skips.SkipFilterIterDataset(it, stats, strict=data.strict)
+  it = skips.SkipFilterIterDataset(it, stats, strict=data.strict,
+                                   max_fraction=data.max_skip_fraction)
   t, m = spec.seq_len, spec.images_per_sample
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={"tokens": t, "targets": t, "loss_mask": t, "images": m},

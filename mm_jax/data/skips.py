@@ -3,8 +3,8 @@
 Example makers turn a bad record into a marker (a worker must not die on one record);
 `SkipFilterIterDataset` runs after the worker pool, drops markers, counts them per reason
 (the counts are part of the iterator state, so a resumed run keeps counting), logs one
-warning line per record (rate-limited), and stops the run under `strict`. The train loop
-reports the counts and stops when more than `data.max_skip_fraction` of records are bad.
+warning line per record (rate-limited), and stops the run under `strict`. It also stops
+the run once more than `data.max_skip_fraction` of (at least 100) records were bad.
 """
 
 from __future__ import annotations
@@ -50,18 +50,21 @@ class SkipStats:
 
 
 class SkipFilterIterDataset(grain.IterDataset):
-  def __init__(self, parent: grain.IterDataset, stats: SkipStats, *, strict: bool):
+  def __init__(self, parent: grain.IterDataset, stats: SkipStats, *, strict: bool,
+               max_fraction: float):
     super().__init__(parent)
-    self._skip_stats, self._strict = stats, strict
+    self._skip_stats, self._strict, self._max_fraction = stats, strict, max_fraction
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _SkipFilterIterator(self._parent.__iter__(), self._skip_stats, self._strict)
+    return _SkipFilterIterator(self._parent.__iter__(), self._skip_stats, self._strict,
+                               self._max_fraction)
 
 
 class _SkipFilterIterator(grain.DatasetIterator):
-  def __init__(self, parent: grain.DatasetIterator, stats: SkipStats, strict: bool):
+  def __init__(self, parent: grain.DatasetIterator, stats: SkipStats, strict: bool,
+               max_fraction: float):
     super().__init__(parent)
-    self._skip_stats, self._strict = stats, strict
+    self._skip_stats, self._strict, self._max_fraction = stats, strict, max_fraction
 
   def __next__(self):
     while True:
@@ -73,6 +76,12 @@ class _SkipFilterIterator(grain.DatasetIterator):
       self._skip_stats.counts[reason] = self._skip_stats.counts.get(reason, 0) + 1
       if self._strict:
         raise DataError(f"data.strict: {item['message']}")
+      # Checked here, not only in the loop: a data set where every record is bad would
+      # otherwise spin forever without producing a batch. The message names the last one.
+      try:
+        self._skip_stats.check(self._max_fraction)
+      except DataError as e:
+        raise DataError(f"{e}; last: {item['message']}") from None
       n = self._skip_stats.skipped
       if n <= _LOUD_WARNINGS or n % 1000 == 0:
         logging.warning("skipped record %s (%s): %s [%d skipped so far]", item["id"], reason,

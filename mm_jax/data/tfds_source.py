@@ -1,8 +1,8 @@
 """The `tfds` source: a LLaVA JSON / JSONL file + image folder, converted once to ArrayRecord.
 
-`build` runs a tensorflow-datasets builder that writes one example per JSON record, in file
-order, with the raw image file bytes (not pixels) so that conversion reads each file once
-and decodes nothing; `TfdsRecords` then serves the examples at random through
+`build` runs a tensorflow-datasets builder that writes one example per JSON record (in tfds'
+fixed hashed order; ids are those of the JSON), with the raw image file bytes, not pixels,
+so that conversion decodes nothing; `TfdsRecords` then serves the examples at random through
 `tfds.core.DatasetBuilder.as_data_source` (ArrayRecord, no TensorFlow) for grain, and
 `parse_tfds_record` decodes and validates one, like `sources.parse_record`, inside the grain
 workers.
@@ -12,8 +12,9 @@ image file, a `read_records` placeholder, a bad conversation, a tag mismatch) is
 written, with `error` = "reason: detail", so that skipping and counting happen once, at
 training time, by the pipeline's one skip path. Corrupt image bytes surface at decode.
 
-Everything here must import and run without TensorFlow: image bytes are stored as a
-`Tensor(dtype=object)` sequence, never as an `Image` feature (whose encoder calls TF).
+Everything here must import and run without TensorFlow. Image bytes are a sequence of
+`Tensor(shape=(), dtype=object)`, not of `Image`: that feature calls TF when fed arrays and
+hands back PIL-decoded pixels, without `media.decode_image`'s EXIF and alpha rules.
 """
 
 from __future__ import annotations
@@ -95,15 +96,20 @@ def _builder_class(json_path: str, image_dir: str, builder_name: str, config: st
 
     def _info(self) -> tfds.core.DatasetInfo:
       # Not dataset_info_from_configs: that reads metadata files from this module's folder.
-      # disable_shuffling keeps JSON order, so example i is record i (and its index<i> id).
-      return tfds.core.DatasetInfo(builder=self, features=features(), disable_shuffling=True,
+      # Shuffling stays on (examples land in key-hash order, the same on every build): with
+      # disable_shuffling, tfds puts every small int key into one of its 1000 spill buckets
+      # and sorts that bucket in memory, i.e. the whole data set once it exceeds 1 GB.
+      return tfds.core.DatasetInfo(builder=self, features=features(),
                                    description=f"LLaVA records of {json_path}")
 
     def _split_generators(self, dl_manager):
       return {SPLIT: self._generate_examples()}
 
     def _generate_examples(self):
-      for i, record in enumerate(sources.read_records(json_path)):
+      records = sources.read_records(json_path)
+      if not records:  # tfds would fail later with a bare AssertionError
+        raise ValueError(f"{json_path}: no records to convert")
+      for i, record in enumerate(records):
         yield i, to_example(record, i, image_dir)
 
   return Builder
@@ -112,14 +118,22 @@ def _builder_class(json_path: str, image_dir: str, builder_name: str, config: st
 def to_example(record: dict, index: int, image_dir: str) -> dict:
   """One JSON record -> one tfds example; a broken record keeps its reason in `error`."""
   rid = sources.record_id(record, index)
-  example = {"id": rid, "images": [], "image_paths": [], "error": "",
+  example = {"id": rid, "images": [], "image_paths": _paths_as_given(record, rid), "error": "",
              "conversations": json.dumps(record.get("conversations"), ensure_ascii=False)}
   try:
-    example["image_paths"] = paths = _checked_paths(record, rid)
+    paths = _checked_paths(record, rid)
     example["images"] = [_read(os.path.join(image_dir, p), rid) for p in paths]
   except BadRecord as e:
     example.update(images=[], error=f"{e.reason}: {e.detail}")
   return example
+
+
+def _paths_as_given(record: dict, rid: str) -> list[str]:
+  """The `image` paths even of a record that fails other checks (for messages), else []."""
+  try:
+    return sources._image_paths(record.get("image"), rid)
+  except BadRecord:
+    return []
 
 
 def _checked_paths(record: dict, rid: str) -> list[str]:
@@ -161,8 +175,8 @@ class TfdsRecords:
   def __init__(self, path: str, split: str = SPLIT):
     self.path = os.fspath(path)
     self.split = split
-    # builder_from_directory rather than tfds.data_source(name): a name goes through
-    # tfds' registry first and would pick a catalog dataset that happens to share it.
+    # builder_from_directory rather than tfds.data_source(name): that looks the name up in
+    # tfds' registry first, so a name shared with a catalog dataset would open that one.
     builder = tfds.builder_from_directory(self.path)
     self._source = builder.as_data_source(split=split)
 
@@ -216,7 +230,7 @@ def parse_tfds_record(record: dict) -> sources.Sample:
 
 
 def _stored(error: str, rid: str) -> BadRecord:
-  """"reason: detail" -> BadRecord; text from elsewhere stays countable as bad_json."""
+  """The stored `reason: detail` -> BadRecord; text of another shape counts as bad_json."""
   reason, _, detail = error.partition(": ")
   if reason in REASONS:
     return BadRecord(reason, rid, detail)

@@ -93,7 +93,8 @@ def train(cfg: Config, workdir: str) -> dict:
                          if peak else None)
           writer.write(n, last)
           metrics_lib.log(metrics_lib.progress_line(n, total, last))
-        if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total:
+        if (cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total
+            and has_eval_data(cfg)):
           writer.write(n, evaluate_state(cfg, built, state, mesh))
         # Preemption is checked every step so the grace period is not wasted.
         preempted = n < total and ckpt.reached_preemption(n)
@@ -105,6 +106,9 @@ def train(cfg: Config, workdir: str) -> dict:
           return last
       if ckpt.latest_step() != total:
         ckpt.save(total, state, data, force=True)
+      if not has_eval_data(cfg):
+        metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
+        return last
       result = evaluate_state(cfg, built, state, mesh)
       writer.write(total, result)
       metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
@@ -119,6 +123,10 @@ def _eval_fn(built, batch_sh_items):
   """The jitted eval step, built once per (state layout, batch layout)."""
   return jax.jit(functools.partial(eval_step, built.fns),
                  in_shardings=(built.shardings, dict(batch_sh_items)))
+
+
+def has_eval_data(cfg: Config) -> bool:
+  return cfg.data.source == "synthetic" or bool(cfg.data.eval_json)
 
 
 def evaluate_state(cfg: Config, built, state, mesh) -> dict:

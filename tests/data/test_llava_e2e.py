@@ -8,21 +8,9 @@ import sys
 
 import pytest
 
-from mm_jax.data import synthetic, text
+from mm_jax.data import export, synthetic, text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _tokenizer(path, corpus):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(corpus, trainer)
-  tok.save(path)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +25,18 @@ def folder(tmp_path_factory):
   evaluation = synthetic.export_llava(str(root), 32, split="eval", image_size=32)
   corpus = [text.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"] + [
       t["value"] for r in records for t in r["conversations"]]
-  _tokenizer(str(root / "tokenizer.json"), corpus * 3)
+  export.train_tokenizer(str(root / "tokenizer.json"), corpus * 3)
   return root, train, evaluation
 
 
-def test_main_trains_and_evaluates_on_a_llava_folder(folder, tmp_path):
+@pytest.mark.parametrize("source", ["llava_json", "tfds"])
+def test_main_trains_and_evaluates_on_a_llava_folder(folder, tmp_path, source):
   root, train, evaluation = folder
   tok = text.load_tokenizer(str(root / "tokenizer.json"))
   image_id = tok.tag_id("<image>")
-  args = ["--config=configs/llava.py:tiny", f"--workdir={tmp_path}",
-          "--config.data.source=llava_json", f"--config.data.json={train}",
+  args = ["--config=configs/llava.py:tiny", f"--workdir={tmp_path / 'w'}",
+          f"--config.data.source={source}", f"--config.data.json={train}",
+          f"--config.data.tfds_dir={tmp_path / 'tfds'}",
           f"--config.data.eval_json={evaluation}", f"--config.data.image_dir={root}",
           f"--config.data.tokenizer={root / 'tokenizer.json'}",
           "--config.data.seq_len=256", "--config.data.max_skip_fraction=0.05",
@@ -58,13 +48,15 @@ def test_main_trains_and_evaluates_on_a_llava_folder(folder, tmp_path):
   r = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  records = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
   last = [x for x in records if "loss" in x][-1]
   assert last["data/skipped"] == 2 and last["data/skipped/missing_image"] == 1
   assert last["data/skipped/tag_mismatch"] == 1
   assert 0 < last["data/packing_efficiency"] <= 1
   assert any(x.get("eval/samples") == 32 for x in records)
   assert "skipped record broken-1 (missing_image)" in r.stderr
+  if source == "tfds":  # converted once to ArrayRecord, read without TensorFlow
+    assert list((tmp_path / "tfds").glob("llava_records/*/1.0.0/*.array_record*"))
 
 
 def test_wrong_placeholder_id_is_a_clear_error(folder, tmp_path):
@@ -76,3 +68,10 @@ def test_wrong_placeholder_id_is_a_clear_error(folder, tmp_path):
   r = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode != 0 and "config.model.image_token_id: 128" in r.stderr
+
+
+def test_export_cli_writes_a_usable_folder(tmp_path):
+  paths = export.export(str(tmp_path), 4, 2)
+  assert len(json.load(open(paths["train"]))) == 4 and len(json.load(open(paths["eval"]))) == 2
+  tok = text.load_tokenizer(paths["tokenizer"])
+  assert tok.tag_id("<image>") == tok.vocab_size - 1  # appended after the BPE vocabulary

@@ -182,3 +182,14 @@ def test_worker_processes_give_the_same_batches():
   b = pipeline.train_iterator(cfg2.data, spec, global_batch=4, seed=0)
   for _ in range(3):
     np.testing.assert_array_equal(next(a)["tokens"], next(b)["tokens"])
+
+
+def test_a_data_set_of_bad_records_stops_with_a_clear_error(monkeypatch):
+  from mm_jax.data import skips
+
+  _with_bad_samples(monkeypatch, every=1)
+  cfg, spec = _spec(**{"data.num_train": 500})
+  it = pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0)
+  with pytest.raises(skips.DataError, match=r"100 of 100 records skipped .* last: record "
+                                            r"synthetic-train-\d+: tag_mismatch"):
+    next(it)

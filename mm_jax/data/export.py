@@ -1,0 +1,55 @@
+r"""Write the embedded synthetic set as a LLaVA-format folder, with a tokenizer.json.
+
+  python -m mm_jax.data.export --out=runs/shapes --train=2000 --eval=200
+
+gives runs/shapes/{images/, train.json, eval.json, tokenizer.json}: a small real-format
+data set to try `data.source=llava_json` with (see the README), and to test with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from mm_jax.data import synthetic, text
+
+
+def train_tokenizer(path: str, corpus: list[str], vocab_size: int = 1000) -> None:
+  """A byte-level BPE tokenizer.json (GPT-2 style) trained on `corpus`."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(corpus, trainer)
+  tok.save(path)
+
+
+def export(out: str, n_train: int, n_eval: int, *, image_size: int = 32) -> dict[str, str]:
+  paths = {split: synthetic.export_llava(out, n, split=split, image_size=image_size)
+           for split, n in (("train", n_train), ("eval", n_eval))}
+  records = json.load(open(paths["train"]))
+  corpus = [text.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"] + [
+      turn["value"] for r in records for turn in r["conversations"]]
+  paths["tokenizer"] = os.path.join(out, "tokenizer.json")
+  train_tokenizer(paths["tokenizer"], corpus * 3)
+  return paths
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--train", type=int, default=2000)
+  parser.add_argument("--eval", type=int, default=200)
+  args = parser.parse_args()
+  paths = export(args.out, args.train, args.eval)
+  tok = text.load_tokenizer(paths["tokenizer"])
+  print(json.dumps({**paths, "image_token_id": tok.tag_id(text.IMAGE_TAG),
+                    "vocab_size": tok.vocab_size}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
