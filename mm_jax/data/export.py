@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from mm_jax.data import synthetic, text
+from mm_jax.data import synthetic, templates, text
 
 
 def train_tokenizer(path: str, corpus: list[str], vocab_size: int = 1000) -> None:
@@ -32,7 +32,7 @@ def export(out: str, n_train: int, n_eval: int, *, image_size: int = 32) -> dict
   paths = {split: synthetic.export_llava(out, n, split=split, image_size=image_size)
            for split, n in (("train", n_train), ("eval", n_eval))}
   records = json.load(open(paths["train"]))
-  corpus = [text.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"] + [
+  corpus = [templates.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"] + [
       turn["value"] for r in records for turn in r["conversations"]]
   paths["tokenizer"] = os.path.join(out, "tokenizer.json")
   train_tokenizer(paths["tokenizer"], corpus * 3)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import grain
 
 from mm_jax.config import ConfigError, DataConfig
-from mm_jax.data import media, sources, text, tfds_source
+from mm_jax.data import media, sources, templates, text, tfds_source
 from mm_jax.data.text import IMAGE_TAG
 
 
@@ -60,7 +60,7 @@ def llava_examples(data: DataConfig, spec, *, split: str):
     sample = parse(record)
     images = [media.preprocess(im, size=spec.image_size, aspect=data.image_aspect_ratio,
                                mean=spec.mean, std=spec.std) for im in sample.images]
-    enc = text.render_conversation(tok, sample.conversation, data.template, expand=expand)
+    enc = templates.render_conversation(tok, sample.conversation, data.template, expand=expand)
     return pipeline.to_example(sample.id, enc, images, spec)
 
   describe = lambda record: str(record.get("id", "?")) if isinstance(record, dict) else "?"

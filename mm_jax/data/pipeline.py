@@ -224,7 +224,9 @@ def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: 
 
 def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int,
                   stats: skips.SkipStats | None = None) -> grain.DatasetIterator:
-  """One pass over the held-out split (the last partial batch is dropped)."""
+  """One pass over the held-out split (the last partial batch is dropped), one sample per
+  row: exact-match accuracy is scored per row (eval_step)."""
+  data = dataclasses.replace(data, pack=False)
   items, make = source_examples(data, spec, split="eval")
   return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
 

@@ -4,8 +4,7 @@
 `load_tokenizer` wraps a real one (a SentencePiece `.model` or a Hugging Face
 `tokenizer.json`) as a `TextTokenizer`. Placeholder tags (`<image>`, ...) are always split
 out of the text before the model's tokenizer sees it, so a tag is one id and never a run of
-sub-word pieces. A template turns a conversation into token ids plus a loss mask that is
-true only on the answers (or caption) and their end-of-turn token.
+sub-word pieces. Chat templates live in `templates.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import functools
 import json
 import pathlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -27,7 +26,8 @@ IMAGE_TAG = "<image>"
 class WordTokenizer:
   """Whitespace tokenizer over a fixed word list; ids 0-3 are pad, bos, eos, unk.
 
-  `tags` (none by default) get ids after the words, so `render_conversation` works on it too.
+  `tags` (none by default) get ids after the words, so templates.render_conversation works
+  on it too.
   """
 
   words: tuple[str, ...]
@@ -330,160 +330,3 @@ def load_tokenizer(path: str, tags: Sequence[str] = (IMAGE_TAG,)) -> TextTokeniz
   file = _tokenizer_file(path)
   backend = _HuggingFace(str(file)) if file.suffix == ".json" else _SentencePiece(str(file))
   return TextTokenizer(backend, tags)
-
-
-# ------------------------------------------------------------------------------- templates
-
-VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                    "The assistant gives helpful, detailed, and polite answers to the user's "
-                    "questions.")
-_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-_LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-# A template's output before tokenisation: (text, which may hold tags, or a token id, loss).
-_Segment = tuple[str | int, bool]
-
-
-def _turn(n: int, turn) -> tuple[str, str]:
-  """One turn, (role, text) or {"from": role, "value": text} -> ("human" | "gpt", text)."""
-  if isinstance(turn, Mapping):
-    role, text = turn.get("from"), turn.get("value")
-  elif isinstance(turn, (tuple, list)) and len(turn) == 2:
-    role, text = turn
-  else:
-    raise ValueError(f"turn {n}: expected (role, text), got {turn!r}")
-  if not isinstance(role, str) or role.lower() not in _ROLES:
-    raise ValueError(f"turn {n}: unknown role {role!r}; expected one of {sorted(_ROLES)}")
-  if not isinstance(text, str):
-    raise ValueError(f"turn {n}: text must be a string, got {type(text).__name__}")
-  return _ROLES[role.lower()], text
-
-
-def _exchanges(conversation) -> list[tuple[str, str]]:
-  """A conversation -> validated [(human text, gpt text)] pairs."""
-  if not conversation:
-    raise ValueError("empty conversation")
-  turns = [_turn(n, t) for n, t in enumerate(conversation)]
-  if turns[0][0] != "human":
-    raise ValueError(f"the conversation must start with a human turn, not {turns[0][0]}")
-  for n, (role, text) in enumerate(turns):
-    if n and role == turns[n - 1][0]:
-      raise ValueError(f"turns {n - 1} and {n} are both {role}; roles must alternate")
-    if role == "gpt" and not text.strip():
-      raise ValueError(f"turn {n}: empty gpt answer")
-  if turns[-1][0] == "human":
-    raise ValueError(f"turn {len(turns) - 1}: the conversation ends with an unanswered "
-                     "human turn")
-  return [(turns[n][1], turns[n + 1][1]) for n in range(0, len(turns), 2)]
-
-
-def _bos(tok: Tokenizer) -> list[_Segment]:
-  return [] if tok.bos_id is None else [(tok.bos_id, False)]
-
-
-def _eos(tok: Tokenizer, template: str) -> int:
-  if tok.eos_id is None:
-    raise ValueError(f"the {template} template needs an end-of-sequence token; the "
-                     "tokenizer has none")
-  return tok.eos_id
-
-
-def _plain(tok: Tokenizer, exchanges: list[tuple[str, str]]) -> list[_Segment]:
-  """`<bos> {tags of the human turn} {caption}<eos>`: LLaVA's stage-1 pretraining.
-
-  As LLaVA does, the human text other than its tags is dropped. (LLaVA itself ends with
-  its "\\n" separator; here the caption ends with <eos>.)
-  """
-  if len(exchanges) != 1:
-    raise ValueError(f"the plain template takes one human and one gpt turn, got "
-                     f"{len(exchanges)} exchanges")
-  human, caption = exchanges[0]
-  tags = [(p, False) for p in split_tags(human, tok.tags) if p in tok.tags]
-  return [*_bos(tok), *tags, (caption, True), (_eos(tok, "plain"), True)]
-
-
-def _vicuna_v1(tok: Tokenizer, exchanges: list[tuple[str, str]]) -> list[_Segment]:
-  """LLaVA-1.5's conv_vicuna_v1 (sep " ", sep2 "</s>"), as the string
-
-  `<bos>{SYSTEM} USER: {human1} ASSISTANT: {gpt1}</s>USER: {human2} ASSISTANT: {gpt2}</s>`
-
-  where `</s>` is the eos id. The loss covers each `{gpt}` and its `</s>`. The space after
-  "ASSISTANT:" goes to the answer, as in LLaVA: a prefix-space tokenizer (SentencePiece)
-  starts the answer's first piece with it ("▁The"), others get an explicit " ".
-  """
-  eos, space = _eos(tok, "vicuna_v1"), "" if tok.prefix_space else " "
-  segments = _bos(tok)
-  for n, (human, gpt) in enumerate(exchanges):
-    head = VICUNA_V1_SYSTEM + " " if n == 0 else ""
-    segments += [(f"{head}USER: {human} ASSISTANT:", False), (space + gpt, True), (eos, True)]
-  return segments
-
-
-def _llama3(tok: Tokenizer, exchanges: list[tuple[str, str]]) -> list[_Segment]:
-  """Llama 3 chat (texts trimmed, as Meta's template does), no system turn:
-
-  `<|begin_of_text|>` then per exchange
-  `<|start_header_id|>user<|end_header_id|>\\n\\n{human}<|eot_id|>`
-  `<|start_header_id|>assistant<|end_header_id|>\\n\\n{gpt}<|eot_id|>`
-  with the special tokens as their single ids. The loss covers `{gpt}<|eot_id|>`.
-  """
-  begin, start, end, eot = (tok.special_id(t) for t in _LLAMA3)
-  segments: list[_Segment] = [(begin, False)]
-  for human, gpt in exchanges:
-    segments += [(start, False), ("user", False), (end, False), ("\n\n" + human.strip(), False),
-                 (eot, False)]
-    segments += [(start, False), ("assistant", False), (end, False), ("\n\n", False),
-                 (gpt.strip(), True), (eot, True)]
-  return segments
-
-
-_TEMPLATES = {"plain": _plain, "vicuna_v1": _vicuna_v1, "llama3": _llama3}
-TEMPLATES = tuple(_TEMPLATES)
-
-
-def _expansion(tok: Tokenizer, tag: str, expand: Mapping[int, int]) -> tuple[int, int]:
-  i = tok.tag_id(tag)
-  if i not in expand:
-    raise ValueError(f"expand has no count for tag {tag!r} (id {i})")
-  if expand[i] < 1:
-    raise ValueError(f"expand[{i}] ({tag!r}) = {expand[i]}; must be at least 1")
-  return i, expand[i]
-
-
-def _encode_segments(tok: Tokenizer, segments: list[_Segment], expand: Mapping[int, int]
-                     ) -> Encoded:
-  """Segments -> ids and mask; each tag becomes `expand[id]` copies of its id, no loss."""
-  ids: list[int] = []
-  mask: list[bool] = []
-  for item, loss in segments:
-    if isinstance(item, int):
-      ids.append(item)
-      mask.append(loss)
-      continue
-    for piece in split_tags(item, tok.tags):
-      if piece in tok.tags:
-        i, n = _expansion(tok, piece, expand)
-        ids += [i] * n
-        mask += [False] * n
-      else:
-        new = tok.encode(piece)
-        ids += new
-        mask += [loss] * len(new)
-  return Encoded(np.asarray(ids, np.int32), np.asarray(mask, bool))
-
-
-def render_conversation(tok: Tokenizer, conversation, template: str, *,
-                        expand: Mapping[int, int]) -> Encoded:
-  """A conversation -> int32[L] ids and bool[L] loss mask under `template`.
-
-  conversation: [(role, text)] or LLaVA's [{"from": role, "value": text}], roles
-  human/user and gpt/assistant, alternating from human, ending with a non-empty answer.
-  template: "plain", "vicuna_v1" or "llama3" (layouts in `_plain`, `_vicuna_v1`,
-  `_llama3`). expand: tag id -> placeholder count; a tag in the text becomes that many
-  copies of its id, never in the loss. Raises ValueError for a malformed conversation or
-  an unknown template.
-  """
-  build = _TEMPLATES.get(template)
-  if build is None:
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
-  return _encode_segments(tok, build(tok, _exchanges(conversation)), expand)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mm_jax.data import export, synthetic, text
+from mm_jax.data import export, synthetic, templates, text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +23,7 @@ def folder(tmp_path_factory):
   records.append({"id": "broken-2", "conversations": records[0]["conversations"]})  # tag
   json.dump(records, open(train, "w"))
   evaluation = synthetic.export_llava(str(root), 32, split="eval", image_size=32)
-  corpus = [text.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"] + [
+  corpus = [templates.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"] + [
       t["value"] for r in records for t in r["conversations"]]
   export.train_tokenizer(str(root / "tokenizer.json"), corpus * 3)
   return root, train, evaluation

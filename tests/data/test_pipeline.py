@@ -193,3 +193,9 @@ def test_a_data_set_of_bad_records_stops_with_a_clear_error(monkeypatch):
   with pytest.raises(skips.DataError, match=r"100 of 100 records skipped .* last: record "
                                             r"synthetic-train-\d+: tag_mismatch"):
     next(it)
+
+
+def test_eval_rows_hold_one_sample_each():
+  cfg, spec = _spec(**{"data.seq_len": 160, "data.images_per_sample": 2})
+  batch = next(pipeline.eval_iterator(cfg.data, spec, global_batch=4))
+  assert (batch["segment_ids"].max(1) == 1).all()

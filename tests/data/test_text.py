@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mm_jax.data import text
+from mm_jax.data import templates, text
 from mm_jax.data.text import IMAGE_TAG
 
 WORDS = ("a the cat dog sat on mat red blue what is this it and picture describe "
@@ -175,17 +175,17 @@ def test_plain(paths):
   tok = text.load_tokenizer(paths["sp"])
   img = tok.tag_id(IMAGE_TAG)
   conv = [("human", "Describe <image> briefly."), ("gpt", "a red cat on the mat")]
-  enc = text.render_conversation(tok, conv, "plain", expand={img: 3})
+  enc = templates.render_conversation(tok, conv, "plain", expand={img: 3})
   _check(enc, tok, [([1, [img] * 3], False), (["a red cat on the mat", 2], True)])
 
 
 def test_vicuna_v1_sentencepiece(paths):
   tok = text.load_tokenizer(paths["sp"])
   img = tok.tag_id(IMAGE_TAG)
-  enc = text.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={img: 4})
+  enc = templates.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={img: 4})
   # The answer's leading space is SentencePiece's own dummy prefix ("▁a").
   _check(enc, tok, [
-      ([1, text.VICUNA_V1_SYSTEM + " USER: ", [img] * 4, "\nWhat is this? ASSISTANT:"], False),
+      ([1, templates.VICUNA_V1_SYSTEM + " USER: ", [img] * 4, "\nWhat is this? ASSISTANT:"], False),
       (["a cat", 2], True),
       (["USER: and the mat? ASSISTANT:"], False),
       (["it is red", 2], True)])
@@ -195,14 +195,14 @@ def test_vicuna_v1_sentencepiece(paths):
 def test_vicuna_v1_byte_level_string(paths):
   tok = text.load_tokenizer(paths["hf"])
   img = tok.tag_id(IMAGE_TAG)
-  enc = text.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={img: 2})
+  enc = templates.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={img: 2})
   _check(enc, tok, [
-      ([0, text.VICUNA_V1_SYSTEM + " USER: ", [img] * 2, "\nWhat is this? ASSISTANT:"], False),
+      ([0, templates.VICUNA_V1_SYSTEM + " USER: ", [img] * 2, "\nWhat is this? ASSISTANT:"], False),
       ([" a cat", 1], True),
       (["USER: and the mat? ASSISTANT:"], False),
       ([" it is red", 1], True)])
   # LLaVA's conv_vicuna_v1.get_prompt() string, <image> expanded, </s> (eos) dropped.
-  prompt = (f"{text.VICUNA_V1_SYSTEM} USER: <image><image>\nWhat is this? ASSISTANT: a cat</s>"
+  prompt = (f"{templates.VICUNA_V1_SYSTEM} USER: <image><image>\nWhat is this? ASSISTANT: a cat</s>"
             "USER: and the mat? ASSISTANT: it is red</s>")
   assert tok.decode(enc.tokens) == prompt.replace("</s>", "")
 
@@ -215,7 +215,7 @@ def test_llama3(paths):
                              "<|eot_id|>"))
   conv = [(r, t) for r, t in zip(["user", "assistant"] * 2, [t for _, t in CONVERSATION],
                                  strict=True)]
-  enc = text.render_conversation(tok, conv, "llama3", expand={img: 3})
+  enc = templates.render_conversation(tok, conv, "llama3", expand={img: 3})
 
   def user(*body):
     return ([start, "user", end, "\n\n", *body, eot], False)
@@ -232,7 +232,7 @@ def test_llama3(paths):
 def test_llama3_missing_special_token(paths):
   tok = text.load_tokenizer(paths["hf"])
   with pytest.raises(ValueError, match=r"<\|begin_of_text\|>"):
-    text.render_conversation(tok, CONVERSATION, "llama3", expand={tok.tag_id(IMAGE_TAG): 1})
+    templates.render_conversation(tok, CONVERSATION, "llama3", expand={tok.tag_id(IMAGE_TAG): 1})
 
 
 def test_roles_aliases_and_llava_dicts(paths):
@@ -240,9 +240,9 @@ def test_roles_aliases_and_llava_dicts(paths):
   expand = {tok.tag_id(IMAGE_TAG): 2}
   aliased = [("user" if r == "human" else "assistant", t) for r, t in CONVERSATION]
   dicts = [{"from": r, "value": t} for r, t in CONVERSATION]
-  want = text.render_conversation(tok, CONVERSATION, "vicuna_v1", expand=expand)
+  want = templates.render_conversation(tok, CONVERSATION, "vicuna_v1", expand=expand)
   for conv in (aliased, dicts):
-    got = text.render_conversation(tok, conv, "vicuna_v1", expand=expand)
+    got = templates.render_conversation(tok, conv, "vicuna_v1", expand=expand)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.answer, want.answer)
 
@@ -251,7 +251,7 @@ def test_word_tokenizer_follows_the_protocol():
   tok = text.WordTokenizer(("a", "red", "cat"), tags=(IMAGE_TAG,))
   img = tok.tag_id(IMAGE_TAG)
   assert img == tok.vocab_size - 1 and tok.encode("a <image>red cat") == [4, img, 5, 6]
-  enc = text.render_conversation(tok, [("human", "<image>"), ("gpt", "red cat")], "plain",
+  enc = templates.render_conversation(tok, [("human", "<image>"), ("gpt", "red cat")], "plain",
                                  expand={img: 2})
   _check(enc, tok, [([1, img, img], False), ([5, 6, 2], True)])
 
@@ -270,10 +270,10 @@ def test_word_tokenizer_follows_the_protocol():
 def test_errors(paths, conv, template, match):
   tok = text.load_tokenizer(paths["llama3"])
   with pytest.raises(ValueError, match=match):
-    text.render_conversation(tok, conv, template, expand={tok.tag_id(IMAGE_TAG): 1})
+    templates.render_conversation(tok, conv, template, expand={tok.tag_id(IMAGE_TAG): 1})
 
 
 def test_missing_expansion(paths):
   tok = text.load_tokenizer(paths["sp"])
   with pytest.raises(ValueError, match="no count for tag '<image>'"):
-    text.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={})
+    templates.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={})

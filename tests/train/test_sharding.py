@@ -2,8 +2,8 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
+from drivers import losses_on_mesh
 from flax import nnx
-from helpers import losses_on_mesh
 from jax.sharding import PartitionSpec as P
 
 from mm_jax import sharding

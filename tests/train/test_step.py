@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
+from drivers import losses_on_mesh
 from flax import nnx
-from helpers import losses_on_mesh
 
 from mm_jax import sharding
 from mm_jax.data import pipeline
