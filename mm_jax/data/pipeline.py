@@ -53,10 +53,6 @@ def synthetic_tokenizer() -> WordTokenizer:
   return WordTokenizer(synthetic.WORDS)
 
 
-class SampleError(BadRecord):
-  """Kept for callers of `to_row`; a BadRecord whose message names the sample id."""
-
-
 def normalise(image: np.ndarray, spec: RowSpec) -> np.ndarray:
   """uint8[S, S, 3] -> float32[S, S, 3] with the tower's mean/std."""
   x = image.astype(np.float32) / 255.0
@@ -95,7 +91,7 @@ def to_example(record_id: str, enc: Encoded, images: list[np.ndarray], spec: Row
   """Encoded ids + images -> next-token example {tokens, targets, loss_mask, images}."""
   n_tags = int(np.sum(enc.tokens == spec.image_token_id)) // max(spec.tokens_per_image, 1)
   if n_tags != len(images):
-    raise SampleError("tag_mismatch", record_id,
+    raise BadRecord("tag_mismatch", record_id,
                       f"{n_tags} {IMAGE_TAG} tags but {len(images)} images")
   enc, kept = truncate(enc, len(images), spec, record_id)
   if kept > spec.images_per_sample:
@@ -120,32 +116,6 @@ def guarded(make: Callable[[object], dict], describe: Callable[[object], str]
     except Exception as e:  # noqa: BLE001  (a worker must survive any one record)
       return skips.marker("error", describe(item), f"{type(e).__name__}: {e}")
   return run
-
-
-def to_row(sample: dict, tokenizer: WordTokenizer, spec: RowSpec) -> dict[str, np.ndarray]:
-  """One synthetic-style sample -> one unpacked, padded row (tests and tools)."""
-  images = [sample["image"]] if "image" in sample else list(sample.get("images", []))
-  enc = render(tokenizer, sample["prompt"], sample["answer"],
-               image_token_id=spec.image_token_id, tokens_per_image=spec.tokens_per_image)
-  n_tags = sample["prompt"].count(IMAGE_TAG)
-  if n_tags != len(images):
-    raise SampleError("tag_mismatch", sample["id"],
-                      f"{n_tags} {IMAGE_TAG} tags but {len(images)} images")
-  if len(enc.tokens) > spec.seq_len + 1:
-    raise SampleError("too_long", sample["id"],
-                      f"{len(enc.tokens)} tokens do not fit data.seq_len {spec.seq_len}")
-  return _pad_row(to_example(sample["id"], enc, images, spec), spec)
-
-
-def _pad_row(ex: dict[str, np.ndarray], spec: RowSpec) -> dict[str, np.ndarray]:
-  t, n = spec.seq_len, len(ex["tokens"])
-  pad = lambda x: np.pad(x, (0, t - n))
-  images = np.zeros((spec.images_per_sample,) + ex["images"].shape[1:], np.float32)
-  images[: len(ex["images"])] = ex["images"]
-  return {"tokens": pad(ex["tokens"]), "targets": pad(ex["targets"]),
-          "loss_mask": pad(ex["loss_mask"]), "segment_ids": pad(np.ones(n, np.int32)),
-          "positions": pad(np.arange(n, dtype=np.int32)), "images": images,
-          "image_valid": np.arange(spec.images_per_sample) < len(ex["images"])}
 
 
 # ----------------------------------------------------------------------------- sources

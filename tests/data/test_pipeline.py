@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -76,16 +78,20 @@ def test_iterator_resumes_from_its_state():
 
 
 def test_bad_samples_name_the_record():
+  from mm_jax.data.errors import BadRecord
+  from mm_jax.data.text import render
+
   _, spec = _spec()
   tok = pipeline.synthetic_tokenizer()
   image = np.zeros((32, 32, 3), np.uint8)
-  two_tags = {"id": "rec-1", "image": image, "prompt": [IMAGE_TAG, IMAGE_TAG], "answer": []}
-  with pytest.raises(pipeline.SampleError,
-                     match="rec-1: tag_mismatch: 2 <image> tags but 1 images"):
-    pipeline.to_row(two_tags, tok, spec)
-  long = {"id": "rec-2", "image": image, "prompt": [IMAGE_TAG] + ["what"] * 100, "answer": []}
-  with pytest.raises(pipeline.SampleError, match="rec-2: .* do not fit data.seq_len"):
-    pipeline.to_row(long, tok, spec)
+  enc = render(tok, [IMAGE_TAG, IMAGE_TAG], ["red"], image_token_id=spec.image_token_id,
+               tokens_per_image=spec.tokens_per_image)
+  with pytest.raises(BadRecord, match="rec-1: tag_mismatch: 2 <image> tags but 1 images"):
+    pipeline.to_example("rec-1", enc, [image], spec)
+  enc = render(tok, [IMAGE_TAG] * 3, ["red"], image_token_id=spec.image_token_id,
+               tokens_per_image=spec.tokens_per_image)
+  with pytest.raises(BadRecord, match="rec-2: too_long: its first image alone"):
+    pipeline.to_example("rec-2", enc, [image] * 3, dataclasses.replace(spec, seq_len=40))
 
 
 def test_packing_puts_several_samples_in_a_row():
