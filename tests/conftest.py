@@ -31,3 +31,13 @@ def tiny_config(**overrides) -> config_lib.Config:
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+def pytest_collection_modifyitems(config, items):
+  """`gpu` tests need a CUDA device: skipped with that reason elsewhere, never silently."""
+  if jax.default_backend() == "gpu":
+    return
+  reason = pytest.mark.skip(reason=f"needs a GPU (backend here: {jax.default_backend()})")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(reason)
