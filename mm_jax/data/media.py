@@ -104,7 +104,7 @@ def preprocess(image: np.ndarray, *, size: int, aspect: str, mean: Sequence[floa
     img = _centre_crop(_resize_shortest(img, size), size)
   else:
     raise ValueError(f"unknown aspect {aspect!r}; expected one of {ASPECTS}")
-  return _normalise(np.asarray(img), mean, std)
+  return normalise(np.asarray(img), mean, std)
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -146,7 +146,7 @@ def _centre_crop(img: Image.Image, size: int) -> Image.Image:
   return img.crop((left, top, left + size, top + size))
 
 
-def _normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8[S, S, 3] -> float32[S, S, 3]: /255, minus mean, over std."""
   x = pixels.astype(np.float32) / np.float32(255.0)
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from mm_jax.config import DataConfig, VisionConfig
-from mm_jax.data import skips, synthetic
+from mm_jax.data import media, skips, synthetic
 from mm_jax.data.errors import BadRecord
 from mm_jax.data.text import IMAGE_TAG, Encoded, WordTokenizer, render
 
@@ -51,12 +51,6 @@ class RowSpec:
 
 def synthetic_tokenizer() -> WordTokenizer:
   return WordTokenizer(synthetic.WORDS)
-
-
-def normalise(image: np.ndarray, spec: RowSpec) -> np.ndarray:
-  """uint8[S, S, 3] -> float32[S, S, 3] with the tower's mean/std."""
-  x = image.astype(np.float32) / 255.0
-  return (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
 
 
 # ----------------------------------------------------------------------------- examples
@@ -100,7 +94,8 @@ def to_example(record_id: str, enc: Encoded, images: list[np.ndarray], spec: Row
   s = spec.image_size
   pixels = np.zeros((kept, s, s, 3), np.float32)
   for i, image in enumerate(images[:kept]):
-    pixels[i] = image if image.dtype == np.float32 else normalise(image, spec)
+    pixels[i] = (image if image.dtype == np.float32
+                 else media.normalise(image, spec.mean, spec.std))
   return {"tokens": enc.tokens[:-1], "targets": enc.tokens[1:], "loss_mask": enc.answer[1:],
           "images": pixels}
 

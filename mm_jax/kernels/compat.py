@@ -6,6 +6,7 @@ Kernels import `pl`, `pltpu`, `triton_params` and `interpret_for` from here only
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl  # noqa: F401  (re-exported)
 from jax.experimental.pallas import tpu as pltpu  # noqa: F401
 
@@ -38,7 +39,5 @@ def interpret_for(interpret: bool | None) -> bool:
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
   """float32-accumulated matmul inside kernels (pl.dot moved to pallas.triton in 0.10;
   lax.dot_general lowers on Triton, Mosaic TPU and the interpreter alike)."""
-  import jax.numpy as jnp
-
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)

@@ -62,19 +62,3 @@ def _pallas_sharded(q, k, v, segment_ids, causal, heads):
   seg = segment_ids if segment_ids is not None else jnp.ones(q.shape[:2], jnp.int32)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)),
                        out_specs=q_spec, check_vma=False)(q, k, v, seg)
-
-
-def attend_reference(q, k, v, *, segment_ids=None, causal=True):
-  """Plain jnp attention in float32, for tests."""
-  n, kh = q.shape[2], k.shape[2]
-  k = jnp.repeat(k, n // kh, axis=2).astype(jnp.float32)
-  v = jnp.repeat(v, n // kh, axis=2).astype(jnp.float32)
-  logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k) / jnp.sqrt(q.shape[-1])
-  t, s = q.shape[1], k.shape[1]
-  allowed = jnp.ones((1, 1, t, s), bool)
-  if causal:
-    allowed = allowed & jnp.tril(jnp.ones((t, s), bool))[None, None]
-  if segment_ids is not None:
-    allowed = allowed & segment_mask(segment_ids, segment_ids)
-  logits = jnp.where(allowed, logits, -1e30)
-  return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, -1), v).astype(q.dtype)

@@ -86,7 +86,6 @@ def train(cfg: Config, workdir: str) -> dict:
         state, m = step_fn(state, pipeline.global_batch(local, batch_sh))
         n = step + 1
         if n % cfg.train.log_every == 0 or n == total:
-          stats.check(cfg.data.max_skip_fraction)
           last = {**jax.device_get(m), **speed.report(n), **stats.metrics(),
                   "data/packing_efficiency": real / local["segment_ids"].size}
           last["mfu"] = (flops / last["step_time_s"] / (peak * jax.device_count())

@@ -62,7 +62,7 @@ def param_counts(abstract: TrainState) -> dict[str, int]:
   for group, tree in (("trainable", abstract.params), ("frozen", abstract.frozen)):
     for path, v in nnx.to_flat_state(tree):
       n = int(np.prod(v.shape))
-      module = "/".join(str(p) for p in path[:2]) if path[0] != "decoder" else "decoder"
+      module = _module(path)
       counts[module] = counts.get(module, 0) + n
       counts[group] = counts.get(group, 0) + n
   counts["total"] = counts.get("trainable", 0) + counts.get("frozen", 0)
@@ -71,5 +71,9 @@ def param_counts(abstract: TrainState) -> dict[str, int]:
 
 def trainable_modules(abstract: TrainState) -> set[str]:
   """Top-level module names (as in `param_counts`) that hold trainable parameters."""
-  return {"/".join(str(p) for p in path[:2]) if path[0] != "decoder" else "decoder"
-          for path, _ in nnx.to_flat_state(abstract.params)}
+  return {_module(path) for path, _ in nnx.to_flat_state(abstract.params)}
+
+
+def _module(path) -> str:
+  """Parameter path -> module name: towers/<m>, projectors/<m> or decoder."""
+  return "decoder" if path[0] == "decoder" else "/".join(str(p) for p in path[:2])
