@@ -46,6 +46,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
                                         implementation=resolve(impl))
 
 
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, *, valid: jax.Array,
+                  index: jax.Array) -> jax.Array:
+  """Attention of new queries over a KV cache: float[B, T, N, H].
+
+  q float[B, T, N, H] at cache slots [index, index + T); k/v float[B, S, K, H] the whole
+  cache; valid bool[B, S] the slots holding real tokens. Plain XLA: decoding reads the
+  cache once per token (memory bound), and a prefill of T tokens costs T x S scores.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)  # GQA: G = N / K query heads share one kv head
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  scores *= h ** -0.5
+  causal = jnp.arange(k.shape[1])[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+  mask = valid[:, None, None, None, :] & causal[None, None, None]
+  # A finite floor, not -inf: a left-padding query sees no valid key and must not NaN.
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
 def _pallas_sharded(q, k, v, segment_ids, causal, heads):
   """flash_attention per shard: XLA cannot partition a Pallas call, so under a mesh the
   kernel runs inside shard_map on each device's batch rows and heads."""

@@ -1,20 +1,37 @@
-"""LLaMA-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention.
+"""LLaMA-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, KV cache.
 
 Covers LLaMA-1/2/3, Vicuna, TinyLlama and Mistral (without sliding window) through
 `DecoderConfig`. The decoder sees only embeddings: `MultimodalModel` looks up text
-embeddings with `embed`, merges media rows in, and calls `__call__` on the result.
+embeddings with `embed`, merges media rows in, and calls `__call__` on the result
+(training) or `step` with a `KVCache` (generation: one prefill call, then one token per
+call).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from mm_jax import sharding
 from mm_jax.config import DecoderConfig
 from mm_jax.models import attention
 from mm_jax.models.layers import Dense, RMSNorm, param, rope
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer, in cache slots [0, S).
+
+  k, v: per layer float[B, S, K, H]; valid bool[B, S]: slot written by a real token (left
+  padding of shorter prompts stays false); index: the next slot to write (the same for all
+  rows: rows differ only in how much left padding they carry).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
 
 
 class DecoderBlock(nnx.Module):
@@ -35,16 +52,37 @@ class DecoderBlock(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.attention_impl = attention_impl
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x float[B, T, D], positions/segment_ids int32[B, T] -> float[B, T, D]."""
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    """q float[B, T, N, H], k and v float[B, T, K, H], rotary applied to q and k."""
     y = self.attn_norm(x)
-    q = rope(self.q(y), positions, self.rope_theta)  # [B, T, N, H]
-    k = rope(self.k(y), positions, self.rope_theta)  # [B, T, K, H]
-    out = attention.attend(q, k, self.v(y), segment_ids=segment_ids, causal=True,
-                           impl=self.attention_impl)
-    x = x + self.o(out)
+    q = rope(self.q(y), positions, self.rope_theta)
+    return q, rope(self.k(y), positions, self.rope_theta), self.v(y)
+
+  def _out(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+    """Output projection, residual and the MLP half of the block."""
+    x = x + self.o(attended)
     y = self.mlp_norm(x)
     return x + self.down(jax.nn.silu(self.gate(y)) * self.up(y))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x float[B, T, D], positions/segment_ids int32[B, T] -> float[B, T, D]."""
+    q, k, v = self._qkv(x, positions)
+    out = attention.attend(q, k, v, segment_ids=segment_ids, causal=True,
+                           impl=self.attention_impl)
+    return self._out(x, out)
+
+  def step(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+           valid: jax.Array, index: jax.Array):
+    """x float[B, T, D] at cache slots [index, index + T) -> (float[B, T, D], k, v cache).
+
+    `valid` bool[B, S] already marks this call's real tokens; slot order is time order,
+    so causality is "key slot <= query slot".
+    """
+    q, k, v = self._qkv(x, positions)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+    out = attention.attend_cached(q, k_cache, v_cache, valid=valid, index=index)
+    return self._out(x, out), k_cache, v_cache
 
 
 class Decoder(nnx.Module):
@@ -61,6 +99,14 @@ class Decoder(nnx.Module):
                     Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
                           std=0.02, **kw))
     self.remat, self.dtype = remat, dtype
+    self.cache_shape = (cfg.depth, cfg.kv_heads, cfg.head_size)  # L, K, H
+
+  def init_cache(self, batch: int, slots: int) -> KVCache:
+    """An empty KVCache of `slots` positions per row, in the compute dtype."""
+    depth, kv_heads, head_size = self.cache_shape
+    zeros = tuple(jnp.zeros((batch, slots, kv_heads, head_size), self.dtype)
+                  for _ in range(depth))
+    return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int32[B, T] -> float[B, T, D]; ids outside the vocabulary (placeholders) read row 0."""
@@ -78,9 +124,29 @@ class Decoder(nnx.Module):
       with jax.named_scope("decoder_block"):
         x = sharding.constrain(call(layer, x, positions, segment_ids),
                                "act_batch", "act_seq", "act_embed")
+    return self._logits(x)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and the vocabulary projection: float[B, T, D] -> float32[B, T, V]."""
     x = self.norm(x)
     if self.lm_head is None:
       logits = jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
     else:
       logits = self.lm_head(x)
     return sharding.constrain(logits.astype(jnp.float32), "act_batch", "act_seq", "act_vocab")
+
+  def step(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array, cache: KVCache
+           ) -> tuple[jax.Array, KVCache]:
+    """Generation: x float[B, T, D] (a prompt, or T = 1 new token) -> logits, new cache.
+
+    positions int32[B, T] (RoPE, per row); token_valid bool[B, T] (false on left padding).
+    """
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, 1)
+    ks, vs = [], []
+    for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+      with jax.named_scope("decoder_block"):
+        x, k, v = layer.step(x, positions, k, v, valid, cache.index)
+      ks.append(k)
+      vs.append(v)
+    new = KVCache(tuple(ks), tuple(vs), valid, cache.index + x.shape[1])
+    return self._logits(x), new

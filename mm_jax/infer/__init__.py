@@ -1,0 +1,1 @@
+"""Generation with a KV cache (prefill + decode) and generation-based evaluation."""
