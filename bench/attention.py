@@ -1,6 +1,9 @@
 r"""Attention throughput: ours (Pallas) vs jax.nn.dot_product_attention (cuDNN, XLA) and
 PyTorch SDPA, forward and forward+backward, bf16.
 
+`ours` is `flash_attention` as dispatched: the Mosaic GPU (wgmma + TMA) kernels on sm90+,
+Triton elsewhere; on sm90+ `ours_triton` adds the Triton kernels for comparison.
+
   python bench/attention.py            # the full table on a GPU (issue 3's shapes)
   python bench/attention.py --smoke    # tiny shapes, runs anywhere (CPU: interpreter)
 
@@ -20,6 +23,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.timing import time_loop, versions  # noqa: E402
+from mm_jax.kernels import attention as fa  # noqa: E402
+from mm_jax.kernels import compat  # noqa: E402
 from mm_jax.kernels.attention import flash_attention  # noqa: E402
 
 
@@ -48,6 +53,9 @@ def segments(b, t, n_seg):
 def jax_impls(smoke: bool):
   impls = {"ours": lambda q, k, v, seg, causal: flash_attention(q, k, v, segment_ids=seg,
                                                                 causal=causal)}
+  cap = compat.gpu_capability()
+  if cap is not None and cap >= (9, 0):
+    impls["ours_triton"] = triton_attention
   mask = lambda seg: None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])
   for name in ("cudnn", "xla"):
     if name == "cudnn" and jax.default_backend() != "gpu":
@@ -55,6 +63,14 @@ def jax_impls(smoke: bool):
     impls[name] = (lambda impl: lambda q, k, v, seg, causal: jax.nn.dot_product_attention(
         q, k, v, mask=mask(seg), is_causal=causal, implementation=impl))(name)
   return impls
+
+
+def triton_attention(q, k, v, seg, causal):
+  """The Triton kernels that `flash_attention` uses before Hopper, called past dispatch."""
+  b, t = q.shape[:2]
+  seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
+  bs = fa.BlockSizes.for_lengths(t, k.shape[1], fa.BlockSizes())
+  return fa._flash(q, k, v, seg, causal, q.shape[-1] ** -0.5, bs, False)
 
 
 def run_jax(fn, c, backward: bool, iters: int) -> float:

@@ -14,19 +14,23 @@ meet the query block's) are skipped: the causal bound cuts the loop, a segment-r
 guards the block's matmuls.
 
 Backends: one kernel body, lowered by Pallas' Triton backend on GPU, Mosaic on TPU, and
-run by the interpreter on CPU (how CI tests it). A Hopper-specific Mosaic GPU kernel
-(wgmma + TMA pipelining) is the planned fast path; see bench/RESULTS.md.
+run by the interpreter on CPU (how CI tests it). On Hopper (sm90+) bf16/fp16 inputs with
+H in {64, 128, 256} go to the Mosaic GPU kernels of `attention_mgpu` (wgmma + TMA
+pipelining); float32 (wgmma multiplies 16-bit operands only), other head dims and jax
+releases whose plgpu API lacks a name we use stay on Triton, with the reason logged once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
+from mm_jax.kernels import attention_mgpu, compat
 from mm_jax.kernels.compat import dot, interpret_for, pl, platform, tpu_params, triton_params
 
 MASK = -1e30  # finite, so fully masked rows never produce inf - inf = NaN
@@ -389,4 +393,22 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   scale = float(h**-0.5 if scale is None else scale)
   if not math.isfinite(scale):
     raise ValueError(f"flash_attention: bad scale {scale}")
+  if platform() == "gpu" and not interpret_for(interpret) and _use_mosaic_gpu(q, k, v):
+    return attention_mgpu.mgpu_attention(q, k, v, seg, causal=causal, scale=scale,
+                                         has_segments=segment_ids is not None)
   return _flash(q, k, v, seg, causal, scale, bs, interpret_for(interpret))
+
+
+def _use_mosaic_gpu(q, k, v) -> bool:
+  """Hopper kernels when the device, dtypes, head dim and jax's plgpu API allow."""
+  cap = compat.gpu_capability()
+  reason = (f"compute capability {cap} < 9.0" if cap is None or cap < (9, 0)
+            else attention_mgpu.unsupported(q, k, v))
+  if reason:
+    _log_fallback(reason)
+  return reason is None
+
+
+@functools.cache
+def _log_fallback(reason: str):
+  logging.getLogger(__name__).info("flash_attention: Triton kernels (%s)", reason)

@@ -1,6 +1,6 @@
 """The ONE place for version-sensitive Pallas imports (jax 0.10 on CPU CI, 0.11 on GPU).
 
-Kernels import `pl`, `pltpu`, `triton_params` and `interpret_for` from here only.
+Kernels import `pl`, `pltpu`, `plgpu`, compiler params and `interpret_for` from here only.
 """
 
 from __future__ import annotations
@@ -41,3 +41,52 @@ def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
   lax.dot_general lowers on Triton, Mosaic TPU and the interpreter alike)."""
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU
+# The plgpu API changes between releases; the Hopper attention kernels use only the names
+# below and fall back to Triton (with the reason logged) when one is missing.
+
+try:
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - jax without Mosaic GPU
+  plgpu = None
+
+MGPU_NAMES = ("kernel", "Barrier", "SMEM", "ACC", "Layout", "TilingTransform",
+              "SwizzleTransform", "copy_gmem_to_smem", "copy_smem_to_gmem", "commit_smem",
+              "wait_smem_to_gmem", "barrier_wait", "barrier_arrive", "wgmma", "transpose_ref",
+              "layout_cast", "broadcasted_iota", "load", "set_max_registers", "CompilerParams")
+
+
+def mosaic_gpu_missing() -> str | None:
+  """Why this jax cannot build the Mosaic GPU attention kernels (None: it can)."""
+  if plgpu is None:
+    return f"jax {jax.__version__} has no jax.experimental.pallas.mosaic_gpu"
+  missing = [name for name in MGPU_NAMES if not hasattr(plgpu, name)]
+  if missing:
+    return f"jax {jax.__version__}: plgpu lacks {', '.join(missing)}"
+  return None
+
+
+def gpu_capability() -> tuple[int, int] | None:
+  """(major, minor) CUDA compute capability of the first device; None off CUDA."""
+  dev = jax.devices()[0]
+  cap = getattr(dev, "compute_capability", None)
+  if dev.platform != "gpu" or not cap:
+    return None
+  major, minor = str(cap).split(".")[:2]
+  return int(major), int(minor)
+
+
+def mgpu_params():
+  # approx_math: exp2 and division use the fast PTX approximations (ample for bf16 P).
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def mgpu_interpret_params():
+  """Mosaic GPU interpreter settings (public in jax 0.12; private before)."""
+  if hasattr(plgpu, "InterpretParams"):
+    return plgpu.InterpretParams()
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+  return InterpretGPUParams()

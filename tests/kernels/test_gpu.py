@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mm_jax.kernels import attention as fa
-from mm_jax.kernels import merge
+from mm_jax.kernels import attention_mgpu, compat, merge
 
 pytestmark = pytest.mark.gpu
 
@@ -36,6 +36,39 @@ def test_compiled_attention_matches_reference(causal, packed, n, k):
                                  v.astype(jnp.float32), segment_ids=seg, causal=causal)
   assert float(jnp.abs(out.astype(jnp.float32) - out_r).max()) <= 3e-2
   for a, r in zip(ours(q, kk, v), ref(q, kk, v), strict=True):
+    assert float(jnp.abs(a.astype(jnp.float32) - r).max()) <= 1.2e-1
+
+
+@pytest.mark.parametrize("t,h,n,k,causal,packed", [
+    (2048, 128, 16, 16, True, False), (2048, 128, 16, 16, False, False),
+    (2048, 64, 32, 32, True, True), (2048, 128, 16, 2, True, False),
+    (1000, 128, 16, 4, False, True),  # ragged T and S, GQA 4, packed
+    (1024, 256, 8, 8, True, False)])
+def test_mosaic_gpu_attention_matches_reference(t, h, n, k, causal, packed):
+  """sm90+: flash_attention dispatches to the Mosaic GPU kernels; fwd and grads vs reference."""
+  cap = compat.gpu_capability()
+  if cap is None or cap < (9, 0):
+    pytest.skip(f"Mosaic GPU attention needs sm90+ (this GPU: {cap})")
+  b = 2
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(keys[0], (b, t, n, h), jnp.bfloat16)
+  kk = jax.random.normal(keys[1], (b, t, k, h), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (b, t, k, h), jnp.bfloat16)
+  do = jax.random.normal(keys[3], (b, t, n, h), jnp.bfloat16)
+  seg = None
+  if packed:  # 4 samples, the last row ends in 37 padding tokens
+    seg = jnp.repeat(jnp.arange(1, 5), -(-t // 4))[None, :t].repeat(b, 0).astype(jnp.int32)
+    seg = seg.at[-1, -37:].set(0)
+  assert attention_mgpu.unsupported(q, kk, v) is None
+  fn = lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg, causal=causal)
+  hlo = jax.jit(lambda *a: jax.vjp(fn, *a)[1](do)).lower(q, kk, v).as_text()
+  assert "mosaic_gpu" in hlo and "triton" not in hlo
+  ref = lambda q, k, v: fa.attention_reference(q, k, v, segment_ids=seg, causal=causal)
+  out, vjp = jax.vjp(jax.jit(fn), q, kk, v)
+  f32 = [x.astype(jnp.float32) for x in (q, kk, v)]
+  out_r, vjp_r = jax.vjp(jax.jit(ref), *f32)
+  assert float(jnp.abs(out.astype(jnp.float32) - out_r).max()) <= 3e-2
+  for a, r in zip(vjp(do), vjp_r(do.astype(jnp.float32)), strict=True):
     assert float(jnp.abs(a.astype(jnp.float32) - r).max()) <= 1.2e-1
 
 
