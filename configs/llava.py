@@ -110,5 +110,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.checkpoint.update(preset.get("checkpoint", {}))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if not big
                                      else dict(data=1, fsdp=-1, tensor=1))
+  # Local Hugging Face folders to start from (mm_jax.interop.hf), e.g.
+  # --config.init.llava_from_hf=/ckpt/llava-1.5-7b-hf with matching model shapes.
+  c.init = dict(vision_from_hf="", decoder_from_hf="", llava_from_hf="")
+  c.generate = dict(max_new_tokens=16 if not big else 512, temperature=0.0, top_k=0,
+                    top_p=1.0, seed=0, stop=())
+  c.eval = dict(generate=True)
   c.lock()
   return c

@@ -8,6 +8,7 @@ only the dataclass they need (e.g. `VisionConfig`), never the root config.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -80,6 +81,39 @@ class ProjectorConfig:
     _check(self.kind in ("linear", "mlp2x_gelu", "residual_mlp"), f"{key}.kind",
            f"must be linear|mlp2x_gelu|residual_mlp, got {self.kind!r}")
     _check(self.depth >= 1, f"{key}.depth", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig:
+  """A Whisper-style audio tower (log-mel conv stem + pre-LN transformer) and its projector.
+
+  Defaults: whisper-small's encoder. Input: log-mel frames at 100 Hz (hop 160 at 16 kHz);
+  the conv stem halves the frame rate, `pool` then averages `pool` frames (Qwen2-Audio: 2,
+  i.e. 25 tokens per second; 1 = plain Whisper).
+  """
+
+  kind: str = "whisper"
+  n_mels: int = 80  # 80 (whisper up to large-v2) | 128 (large-v3, Qwen2-Audio)
+  width: int = 768
+  depth: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  max_source_positions: int = 1500  # frames after the stem: 30 s; input <= 2x this
+  layer_norm_eps: float = 1e-5
+  pool: int = 2  # average pooling stride over time before the final LayerNorm; 1 = none
+  projector: str = "mlp"  # linear | mlp (Linear-GELU-Linear) to the decoder width
+
+  def validate(self, key: str) -> None:
+    _check(self.kind == "whisper", f"{key}.kind", f"must be whisper, got {self.kind!r}")
+    for name in ("n_mels", "width", "depth", "heads", "mlp_dim", "max_source_positions",
+                 "pool"):
+      _check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
+    _check(self.width % self.heads == 0, f"{key}.width", f"{self.width} not divisible by heads")
+    # The sinusoidal table splits the width into sin and cos halves of >= 2 channels each.
+    _check(self.width % 2 == 0 and self.width >= 4, f"{key}.width", "must be even and >= 4")
+    _check(self.layer_norm_eps > 0, f"{key}.layer_norm_eps", "must be positive")
+    _check(self.projector in ("linear", "mlp"), f"{key}.projector",
+           f"must be linear|mlp, got {self.projector!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +290,55 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Local Hugging Face folders (safetensors) to start a fresh run from; "" = random init.
+
+  vision_from_hf: CLIPVisionModel / SiglipVisionModel (or a full CLIPModel / SiglipModel);
+  decoder_from_hf: LlamaForCausalLM; llava_from_hf: LlavaForConditionalGeneration (all of
+  the model, so it excludes the other two). Shapes must match config.model.
+  """
+
+  vision_from_hf: str = ""
+  decoder_from_hf: str = ""
+  llava_from_hf: str = ""
+
+  def validate(self, key: str) -> None:
+    _check(not (self.llava_from_hf and (self.vision_from_hf or self.decoder_from_hf)),
+           f"{key}.llava_from_hf", "covers the whole model: leave vision_from_hf and "
+           "decoder_from_hf empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Decoding for --mode=generate and generation-based eval (mm_jax.infer)."""
+
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0  # 0: no cut
+  top_p: float = 1.0  # 1: no cut
+  seed: int = 0
+  stop: tuple[int, ...] = ()  # extra stop ids; the template's end token always stops
+
+  def validate(self, key: str) -> None:
+    _check(self.max_new_tokens > 0, f"{key}.max_new_tokens", "must be positive")
+    _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0 (0: greedy)")
+    _check(self.top_k >= 0, f"{key}.top_k", "must be >= 0 (0: no cut)")
+    _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What --mode=eval and the in-training evals report besides loss and perplexity."""
+
+  # Greedy-generate each held-out answer and score it VQA-style (normalised exact match),
+  # besides the teacher-forced exact match.
+  generate: bool = True
+
+  def validate(self, key: str) -> None:
+    del key
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "tiny"
   stage: str = "full"  # full | pretrain | finetune
@@ -265,6 +348,9 @@ class Config:
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
+  init: InitConfig = InitConfig()
+  generate: GenerateConfig = GenerateConfig()
+  eval: EvalConfig = EvalConfig()
 
   def validate(self, key: str = "config") -> None:
     _check(self.stage in ("full", "pretrain", "finetune"), f"{key}.stage",
@@ -320,9 +406,20 @@ def _build(cls: type, values: Mapping[str, Any], key: str) -> Any:
 def from_config_dict(cd: Any) -> Config:
   """ConfigDict (or plain nested dict) -> validated, frozen `Config`."""
   values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
-  config = _build(Config, values, "config")
+  config = _tokenizer_from_init(_build(Config, values, "config"))
   config.validate()
   return config
+
+
+def _tokenizer_from_init(config: Config) -> Config:
+  """An empty data.tokenizer defaults to the tokenizer shipped in the Hugging Face folder
+  the language model comes from (init.llava_from_hf, else init.decoder_from_hf)."""
+  folder = config.init.llava_from_hf or config.init.decoder_from_hf
+  names = ("tokenizer.json", "tokenizer.model")
+  if (config.data.tokenizer or not folder
+      or not any(os.path.isfile(os.path.join(folder, n)) for n in names)):
+    return config
+  return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=folder))
 
 
 def to_dict(config: Config) -> dict[str, Any]:

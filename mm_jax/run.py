@@ -1,4 +1,4 @@
-"""The one function main.py calls: typed config -> dry run, train or eval."""
+"""The one function main.py calls: typed config -> dry run, train, eval or generate."""
 
 from __future__ import annotations
 
@@ -22,10 +22,15 @@ def dry_run(cfg: config_lib.Config) -> dict[str, int]:
   return counts
 
 
-def main(cd, workdir: str | None, mode: str = "train", dry: bool = False) -> dict:
+def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
+         prompt: str = "", images: tuple[str, ...] = ()) -> dict:
   cfg = config_lib.from_config_dict(cd)
   if dry:
     return dry_run(cfg)
+  if mode == "generate":
+    from mm_jax.infer import chat
+
+    return {"answer": chat.main(cfg, workdir, prompt, images)}
   if not workdir:
     raise ValueError("--workdir is required unless --dry_run")
   from mm_jax.train import loop
@@ -37,4 +42,4 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False) -> dic
     return loop.train(cfg, workdir)
   if mode == "eval":
     return loop.evaluate(cfg, workdir)
-  raise ValueError(f"--mode={mode}: expected train or eval")
+  raise ValueError(f"--mode={mode}: expected train, eval or generate")

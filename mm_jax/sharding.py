@@ -38,6 +38,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vision_embed", "fsdp"),
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
+    ("audio_embed", "fsdp"),
+    ("audio_heads", "tensor"),
+    ("audio_mlp", "tensor"),
 )
 _RULES = dict(RULES)
 

@@ -41,6 +41,28 @@ def test_train_then_eval_writes_what_a_user_expects(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.load(open(os.path.join(w, "eval_12.json")))
   assert result["step"] == 12 and 0.0 <= result["eval/accuracy"] <= 1.0
+  assert 0.0 <= result["eval/vqa_accuracy"] <= 1.0
+
+  image = shape_png(tmp_path)
+  r = _main("--mode=generate", *args, f"--image={image}", "--prompt=What shape is it?")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"[{w}/checkpoints step 12] 'What shape is it?' -> " in r.stdout
+  r = _main("--mode=generate", *args, f"--image={image}", "--prompt=What is this?")
+  assert r.returncode != 0 and "['this'] are not in the synthetic vocabulary" in r.stderr
+  r = _main("--mode=generate", *args, f"--image={tmp_path}/missing.png", "--prompt=what?")
+  assert r.returncode != 0 and "missing.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def shape_png(folder) -> str:
+  """A held-out synthetic image as a PNG file (what a user would pass to --image)."""
+  from PIL import Image
+
+  from mm_jax.data import synthetic
+
+  path = str(folder / "shape.png")
+  ex = synthetic.example(0, split="eval", seed=0, image_size=32, task="qa")
+  Image.fromarray(ex["image"]).save(path)
+  return path
 
 
 def test_dry_run_7b_and_bad_override_names_the_key():
@@ -58,5 +80,7 @@ def test_tiny_learns_well_above_chance(tmp_path):
             "--config.train.steps=500")
   assert r.returncode == 0, r.stderr[-3000:]
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  accuracy = [r["eval/accuracy"] for r in records if "eval/accuracy" in r][-1]
-  assert accuracy > 0.6, accuracy
+  final = [r for r in records if "eval/accuracy" in r][-1]
+  assert final["eval/accuracy"] > 0.6, final
+  # Greedy generation with the KV cache answers as teacher forcing predicts.
+  assert abs(final["eval/vqa_accuracy"] - final["eval/accuracy"]) < 0.02, final

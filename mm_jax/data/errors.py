@@ -15,9 +15,11 @@ BAD_JSON = "bad_json"
 TOO_LONG = "too_long"
 TOO_MANY_IMAGES = "too_many_images"  # more images than data.images_per_sample (pipeline.py)
 NOT_UTF8 = "not_utf8"
+MISSING_AUDIO = "missing_audio"
+CORRUPT_AUDIO = "corrupt_audio"
 
 REASONS = frozenset({MISSING_IMAGE, CORRUPT_IMAGE, TAG_MISMATCH, BAD_CONVERSATION, BAD_JSON,
-                     TOO_LONG, TOO_MANY_IMAGES, NOT_UTF8})
+                     TOO_LONG, TOO_MANY_IMAGES, NOT_UTF8, MISSING_AUDIO, CORRUPT_AUDIO})
 
 
 class BadRecord(ValueError):

@@ -288,6 +288,11 @@ _RENAMES = {
 _IGNORED = re.compile(r"(^|vision_tower\.)head\.|rotary_emb\.inv_freq$|position_ids$")
 
 
+def ignored(key: str) -> bool:
+  """Whether a (normalised) HF key has no mm_jax counterpart and is skipped on import."""
+  return bool(_IGNORED.search(key))
+
+
 def normalize_keys(sd: Mapping[str, Any], family: str) -> dict[str, Any]:
   """Renames `sd`'s keys to the transformers 5.x layout of `family` (vision|llama|llava)."""
   out: dict[str, Any] = {}
@@ -304,7 +309,7 @@ def hf_to_mm(sd: Mapping[str, Any], rules: Sequence[Rule], prefix: Path = ()) ->
   """Applies `rules` to a (normalised) HF state dict; every non-ignored key must be used."""
   keys = {r.hf for r in rules}
   missing = sorted(keys - set(sd))
-  extra = sorted(k for k in set(sd) - keys if not _IGNORED.search(k))
+  extra = sorted(k for k in set(sd) - keys if not ignored(k))
   if missing or extra:
     raise ValueError(f"state dict does not match the config: missing {missing[:8]} "
                      f"({len(missing)}), unexpected {extra[:8]} ({len(extra)})")

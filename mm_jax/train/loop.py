@@ -64,7 +64,7 @@ def train(cfg: Config, workdir: str) -> dict:
       metrics_lib.log(f"resuming from step {start} in {workdir}")
       state = ckpt.restore(start, restore_target(built.abstract, built.shardings), data)
     else:
-      state = state_lib.initialise(built)
+      state = state_lib.initialise(built, cfg)
   batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
   step_fn = jax.jit(functools.partial(train_step, built.fns),
                     in_shardings=(built.shardings, batch_sh),
@@ -144,9 +144,35 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
     raise ValueError(f"config.data.num_eval={cfg.data.num_eval}: fewer held-out samples than "
                      f"one batch of config.train.batch_size={cfg.train.batch_size}")
   loss = sums["loss_sum"] / max(sums["loss_tokens"], 1)
-  return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
-          "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
-          "eval/samples": int(sums["answers"])}
+  result = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
+            "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
+            "eval/samples": int(sums["answers"])}
+  if cfg.eval.generate:
+    result.update(generated_accuracy(cfg, built, state, spec))
+  return result
+
+
+def generated_accuracy(cfg: Config, built, state, spec) -> dict:
+  """VQA-style accuracy of greedy answers generated with the KV cache (mm_jax.infer)."""
+  from flax import nnx
+
+  from mm_jax.infer import generate, prompts, vqa
+
+  if jax.process_count() > 1:  # Generator takes process-local numpy batches
+    metrics_lib.log("eval.generate: single-process only for now; skipped")
+    return {}
+  tok = prompts.tokenizer_for(cfg)
+  settings = generate.Decoding(max_new_tokens=cfg.generate.max_new_tokens,
+                               stop_ids=prompts.stop_ids(cfg, tok), pad_id=int(tok.pad_id))
+  gen = generate.Generator(nnx.merge(built.fns.graphdef, state.params, state.frozen), settings)
+  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size)
+  correct = total = 0
+  for i, local in enumerate(data):
+    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+      break
+    c, n = vqa.score_batch(gen, local, tok.decode)
+    correct, total = correct + c, total + n
+  return {"eval/vqa_accuracy": correct / max(total, 1)}
 
 
 def evaluate(cfg: Config, workdir: str) -> dict:

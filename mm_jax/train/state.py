@@ -16,8 +16,10 @@ from flax import nnx
 
 from mm_jax import sharding
 from mm_jax.config import Config
+from mm_jax.interop import hf_import
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
 from mm_jax.train import optim
+from mm_jax.train.checkpoint import restore_target
 from mm_jax.train.step import StepFns, TrainState
 
 
@@ -52,8 +54,24 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
   return Built(fns, init, abstract, shardings)
 
 
-def initialise(built: Built) -> TrainState:
-  return jax.jit(built.init, out_shardings=built.shardings)()
+def initialise(built: Built, cfg: Config | None = None) -> TrainState:
+  """A fresh state in its shardings. With `cfg`, parameters covered by `cfg.init`'s Hugging
+  Face folders are streamed in; when they cover all of them nothing is randomly
+  initialised (AdamW's moments start at zero either way)."""
+  if cfg is None or not any(dataclasses.astuple(cfg.init)):
+    return jax.jit(built.init, out_shardings=built.shardings)()
+  paths = {p for tree in (built.abstract.params, built.abstract.frozen)
+           for p, _ in nnx.to_flat_state(tree)}
+  if paths <= hf_import.covered(cfg.init, cfg.model):
+    state = restore_target(built.abstract, built.shardings)
+  else:
+    state = jax.jit(built.init, out_shardings=built.shardings)()
+  params, frozen = hf_import.init_from_hf(cfg.init, cfg.model, [state.params, state.frozen])
+  if isinstance(state.step, jax.ShapeDtypeStruct):
+    opt_state = jax.jit(built.fns.tx.init, out_shardings=built.shardings.opt_state)(params)
+    step = jax.device_put(np.zeros((), np.int32), built.shardings.step)
+    return TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state)
+  return state.replace(params=params, frozen=frozen)
 
 
 def param_counts(abstract: TrainState) -> dict[str, int]:

@@ -7,12 +7,27 @@ are downloaded). Tolerance: max|ours - ref| <= 1e-4 * max|ref|, fixed; our side 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import hf_models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_models import (
+  IMAGE,
+  IMAGE_TOKEN,
+  PATCH,
+  TEXT,
+  VISION,
+  hf_model,
+  images_np,
+  llava_batch,
+  llava_hf,
+  nhwc,
+  state_dict,
+)
 
 from mm_jax.config import ConfigError, DecoderConfig, ProjectorConfig, VisionConfig
 from mm_jax.interop import hf_mapping as hm
@@ -25,34 +40,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-IMAGE, PATCH = 28, 7  # 16 patches
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=IMAGE, patch_size=PATCH)
-TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5)
-
-
-def assert_close(ours, ref, what: str) -> None:
-  """max|ours - ref| / max|ref| <= TOL."""
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-  scale = np.abs(ref).max()
-  err = np.abs(ours - ref).max() / scale
-  assert err <= TOL, f"{what}: relative error {err:.2e} > {TOL}"
-  np.testing.assert_allclose(ours, ref, rtol=TOL, atol=TOL * scale, err_msg=what)
-
-
-def randomize(model) -> None:
-  """Non-trivial weights: norms 1 +- 0.1, biases/vectors N(0, 0.1), matrices N(0, 1/fan_in)."""
-  torch.manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and ("norm" in name or "layrnorm" in name):
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5))
+assert_close = functools.partial(hf_models.assert_close, tol=TOL)
 
 
 def run(fn, model, *args):
@@ -66,26 +54,6 @@ def abstract(cls, cfg):
   if cls is MultimodalModel:
     return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
   return nnx.eval_shape(lambda: cls(cfg, attention_impl="xla", rngs=nnx.Rngs(0)))
-
-
-def hf_model(cls, config):
-  torch.manual_seed(0)
-  model = cls(config).float().eval()
-  randomize(model)
-  return model
-
-
-def state_dict(model) -> dict[str, np.ndarray]:
-  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def images_np(n: int, seed: int = 0) -> np.ndarray:
-  """float32[n, 3, H, W] (NCHW as transformers takes it)."""
-  return np.random.default_rng(seed).normal(size=(n, 3, IMAGE, IMAGE)).astype(np.float32)
-
-
-def nhwc(x: np.ndarray) -> jax.Array:
-  return jnp.asarray(x.transpose(0, 2, 3, 1))
 
 
 # ----------------------------------------------------------------------------- vision
@@ -174,44 +142,6 @@ def test_packed_segments_match_separate_sequences():
 
 
 # ----------------------------------------------------------------------------- llava
-
-IMAGE_TOKEN = TEXT["vocab_size"] - 1  # inside the vocabulary, as in llava-hf checkpoints
-
-
-def llava_hf(vision: str, strategy: str, tie: bool = False):
-  vision_cfg = (transformers.CLIPVisionConfig if vision == "clip"
-                else transformers.SiglipVisionConfig)(**VISION).to_dict()
-  text_cfg = transformers.LlamaConfig(**TEXT, tie_word_embeddings=tie).to_dict()
-  config = transformers.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
-                                    image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
-                                    vision_feature_select_strategy=strategy)
-  return hf_model(transformers.LlavaForConditionalGeneration, config)
-
-
-def llava_batch(layout: str, per_image: int, seed: int = 0):
-  """Two rows, Mi = 2 slots each; returns (HF input_ids, HF pixel_values, our batch).
-
-  two_one: row 0 has two images at different offsets, row 1 one image;
-  two_none: row 0 two images, row 1 text only. HF takes the images in order of appearance.
-  """
-  rng = np.random.default_rng(seed)
-  ph = [IMAGE_TOKEN] * per_image
-  text = lambda n: list(rng.integers(0, IMAGE_TOKEN, n))
-  row0 = text(3) + ph + text(2) + ph + text(3)
-  row1 = text(5) + ph + text(len(row0) - 5 - per_image)
-  row1 = row1 if layout == "two_one" else text(len(row0))
-  tokens = np.array([row0, row1], np.int64)
-  n_images = 3 if layout == "two_one" else 2
-  pixels = images_np(n_images, seed)
-  slots = np.zeros((4, 3, IMAGE, IMAGE), np.float32)
-  slots[:n_images] = pixels  # [s0img0, s0img1, s1img0 | invalid, invalid]
-  batch = dict(tokens=jnp.asarray(tokens, jnp.int32),
-               positions=jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                                          tokens.shape),
-               segment_ids=jnp.ones(tokens.shape, jnp.int32), images=nhwc(slots),
-               image_valid=jnp.arange(4) < n_images)
-  return tokens, pixels, batch
-
 
 @pytest.mark.parametrize("vision,strategy,layout,tie", [
     ("clip", "default", "two_one", False),

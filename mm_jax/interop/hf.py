@@ -1,0 +1,118 @@
+r"""Hugging Face in and out: sharded models from HF folders or checkpoints, and the export CLI.
+
+  python -m mm_jax.interop.hf export --workdir=/tmp/tiny --out=/tmp/tiny_hf [--step=N]
+      [--dtype=bfloat16] [--max_shard_gb=2]
+
+writes a LlavaForConditionalGeneration folder (hf_export.py) from the run's config.json
+and its latest (or N-th) orbax checkpoint; `transformers.LlavaForConditionalGeneration.
+from_pretrained(out)` loads it. Importing is `config.init.*` (hf_import.py): training
+applies it when it starts fresh, and `load_model` for inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+from flax import nnx
+
+from mm_jax import config as config_lib
+from mm_jax import sharding
+from mm_jax.config import Config, MeshConfig
+from mm_jax.interop import hf_export
+from mm_jax.interop.hf_import import covered, init_from_hf
+from mm_jax.models.multimodal import MultimodalModel, resolve_backends
+
+__all__ = ["export", "init_from_hf", "load_model", "read_run_config", "restore_model"]
+
+
+def load_model(cfg: Config, mesh: jax.sharding.Mesh) -> MultimodalModel:
+  """A MultimodalModel (parameters only, no optimizer) sharded over `mesh`, with every
+  parameter that `cfg.init`'s folders cover streamed in. Nothing is randomly initialised
+  when they cover all of it (llava_from_hf); otherwise the rest is from `cfg.train.seed`."""
+  from mm_jax.train.checkpoint import restore_target
+
+  model_cfg = resolve_backends(cfg.model)
+  make = lambda: MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  shardings = sharding.state_shardings(abstract, mesh)
+  if {path for path, _ in nnx.to_flat_state(abstract)} <= covered(cfg.init, cfg.model):
+    state = restore_target(abstract, shardings)
+  else:
+    with jax.set_mesh(mesh):
+      state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+  (state,) = init_from_hf(cfg.init, cfg.model, [state])
+  return nnx.merge(graphdef, state)
+
+
+def restore_model(cfg: Config, workdir: str, step: int | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[MultimodalModel, int]:
+  """(model, step) from WORKDIR/checkpoints (the latest step unless `step`), restored into
+  `mesh`'s shardings (default: FSDP over every device). The optimizer state is restored
+  too (a checkpoint holds the whole TrainState) and dropped."""
+  from mm_jax.train import state as state_lib
+  from mm_jax.train.checkpoint import Checkpointer, restore_target
+
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (train there first)")
+  mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+  built = state_lib.build(cfg, mesh)
+  ckpt = Checkpointer(directory, cfg.checkpoint)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.manager.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint for step {step} "
+                              f"(have {sorted(ckpt.manager.all_steps())})")
+    with jax.set_mesh(mesh):
+      state = ckpt.restore(step, restore_target(built.abstract, built.shardings))
+  finally:
+    ckpt.close()
+  return nnx.merge(built.fns.graphdef, state.params, state.frozen), step
+
+
+def read_run_config(workdir: str) -> Config:
+  """WORKDIR/config.json (written by training) as a validated Config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: missing (is {workdir} a training workdir?)")
+  with open(path) as f:
+    return config_lib.from_config_dict(json.load(f))
+
+
+def export(workdir: str, out: str, step: int | None = None, *, dtype: str = "",
+           max_shard_bytes: int = 2 * 10**9) -> list[str]:
+  """A training workdir's checkpoint -> a Hugging Face LLaVA folder `out`; returns files."""
+  if jax.process_count() > 1:
+    raise ValueError("export runs in a single process (it gathers each tensor to this host)")
+  cfg = read_run_config(workdir)
+  hf_export.check_exportable(cfg.model)  # before paying for the restore
+  model, step = restore_model(cfg, workdir, step)
+  files = hf_export.export_model(model, cfg, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  print(f"exported {workdir} step {step} to {out}", flush=True)
+  return files
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m mm_jax.interop.hf",
+                                   description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("export", help="checkpoint -> LlavaForConditionalGeneration folder")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--step", type=int, default=None, help="default: the latest")
+  p.add_argument("--dtype", default="", choices=["", *config_lib.DTYPES],
+                 help="weights dtype (default: config.model.param_dtype)")
+  p.add_argument("--max_shard_gb", type=float, default=2.0)
+  args = parser.parse_args(argv)
+  try:
+    export(args.workdir, args.out, args.step, dtype=args.dtype,
+           max_shard_bytes=int(args.max_shard_gb * 1e9))
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+  main()

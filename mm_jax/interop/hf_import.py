@@ -1,0 +1,299 @@
+"""Start from Hugging Face weights: check shapes against the preset, stream tensors into shards.
+
+`config.init` names local folders (safetensors only): a vision tower (CLIPVisionModel /
+SiglipVisionModel, or the vision half of a CLIPModel / SiglipModel), a decoder
+(LlamaForCausalLM; Mistral without sliding window) or a whole LlavaForConditionalGeneration.
+The preset stays the source of truth for shapes: the folder's config.json is read with the
+`hf_mapping` readers and every field that changes shapes or numerics must agree, else a
+ConfigError names the preset key, both values and the HF key.
+
+`init_from_hf` replaces the covered parameters of sharded nnx.State trees one tensor at a
+time: a memory-mapped read, the `Rule` conversion to our layout, then
+`jax.make_array_from_callback`, so each process only copies its addressable shards to
+its devices and no host ever holds more than one whole tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mm_jax.config import ConfigError, InitConfig, ModelConfig, VisionConfig
+from mm_jax.interop import hf_mapping as hm
+from mm_jax.interop.safetensors_io import SafetensorsFolder
+
+# ----------------------------------------------------------------------------- config.json
+
+# Class defaults of the transformers configs (5.x; unchanged since 4.3x), for the sparse
+# config.json files of published checkpoints (llava-hf's text_config names only what
+# differs from LlamaConfig). transformers applies the same defaults when it loads them.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, hidden_act="silu",
+                  rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
+                    sliding_window=4096, tie_word_embeddings=False),
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, image_size=224, patch_size=32,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, image_size=224, patch_size=16,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "llava": dict(image_token_index=32000, projector_hidden_act="gelu",
+                  vision_feature_select_strategy="default", vision_feature_layer=-2,
+                  multimodal_projector_bias=True, tie_word_embeddings=False),
+}
+# LlavaConfig's vision tower when config.json has no vision_config: CLIP ViT-L/14-336.
+_LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                     num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
+_SUB = {"text_config": "llama", "vision_config": "clip_vision_model"}
+
+
+def complete(cfg: Mapping[str, Any], model_type: str | None = None) -> dict[str, Any]:
+  """A config.json dict with the class defaults filled in (sub-configs too)."""
+  out = dict(cfg)
+  kind = out.setdefault("model_type", model_type)
+  for key, value in _DEFAULTS.get(kind, {}).items():
+    if key == "rope_theta" and (out.get("rope_parameters") or {}).get("rope_theta"):
+      continue
+    out.setdefault(key, value)
+  if kind == "llava":
+    out.setdefault("vision_config", dict(_LLAVA_VISION))
+    out.setdefault("text_config", {})
+  for key, default_type in _SUB.items():
+    if isinstance(out.get(key), Mapping):
+      out[key] = complete(out[key], out[key].get("model_type") or default_type)
+  return out
+
+
+def read_config(folder: str) -> dict[str, Any]:
+  """FOLDER/config.json, completed with the transformers class defaults."""
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: missing (a Hugging Face model folder has config.json)")
+  with open(path) as f:
+    return complete(json.load(f))
+
+
+# Preset field -> the HF key it is compared with ("" : the select strategy mapping).
+VISION_KEYS = dict(kind="model_type", image_size="image_size", patch_size="patch_size",
+                    width="hidden_size", depth="num_hidden_layers", heads="num_attention_heads",
+                    mlp_dim="intermediate_size", layer_norm_eps="layer_norm_eps")
+DECODER_KEYS = dict(vocab_size="vocab_size", width="hidden_size", depth="num_hidden_layers",
+                     heads="num_attention_heads", kv_heads="num_key_value_heads",
+                     head_size="head_dim", mlp_dim="intermediate_size",
+                     rope_theta="rope_parameters.rope_theta", norm_eps="rms_norm_eps",
+                     tie_embeddings="tie_word_embeddings")
+LLAVA_VISION_KEYS = dict(feature_layer="vision_feature_layer",
+                          feature_select="vision_feature_select_strategy")
+
+
+def _same(a: Any, b: Any) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    return math.isclose(a, b, rel_tol=1e-9)
+  return a == b
+
+
+def compare(ours: Any, theirs: Any, keys: Mapping[str, str], where: str, path: str,
+            hf_prefix: str = "") -> None:
+  """ConfigError on the first field of `keys` where the preset and the folder differ."""
+  for field, hf_key in keys.items():
+    a, b = getattr(ours, field), getattr(theirs, field)
+    if not _same(a, b):
+      name = "head_dim" if field == "head_size" else field
+      raise ConfigError(f"{where}.{name}: {a!r} in the preset, {b!r} in {path} "
+                        f"({hf_prefix}{hf_key})")
+
+
+def _hf_config(folder: str, init_key: str, reader, *args, **kw):
+  """reader(*args, **kw), with a folder's own config errors pinned to its file."""
+  try:
+    return reader(*args, **kw)
+  except ConfigError as e:
+    raise ConfigError(f"config.init.{init_key}: {folder}/config.json: {e}") from None
+
+
+def _check_mean_std(folder: str, vision: VisionConfig) -> None:
+  """The folder's image processor (if it ships one) must normalise as the preset does."""
+  path = os.path.join(folder, "preprocessor_config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    proc = json.load(f)
+  for field, key in (("mean", "image_mean"), ("std", "image_std")):
+    if key in proc and not np.allclose(proc[key], getattr(vision, field), rtol=1e-4):
+      raise ConfigError(f"config.model.vision.{field}: {tuple(getattr(vision, field))} in the "
+                        f"preset, {tuple(proc[key])} in {path} ({key})")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One folder and the rules (mm paths from the model root) its tensors feed.
+
+  family: normalize_keys layout; only: key prefix to read (a CLIPModel's `vision_model.`);
+  tied: a stored `lm_head.weight` is the embedding table again and is skipped.
+  """
+
+  folder: str
+  family: str
+  rules: tuple[hm.Rule, ...]
+  only: str = ""
+  tied: bool = False
+
+
+def _rooted(rules: Sequence[hm.Rule], prefix: hm.Path) -> tuple[hm.Rule, ...]:
+  return tuple(dataclasses.replace(r, path=(*prefix, *r.path)) for r in rules)
+
+
+def llava_source(folder: str, cfg: ModelConfig) -> Source:
+  path = os.path.join(folder, "config.json")
+  raw = read_config(folder)
+  _expect_type(raw, ("llava",), "llava_from_hf", path)
+  theirs = _hf_config(folder, "llava_from_hf", hm.model_config_from_hf_llava, raw)
+  _check_text(raw["text_config"], folder)
+  compare(cfg.vision, theirs.vision, VISION_KEYS, "config.model.vision", path, "vision_config.")
+  compare(cfg.vision, theirs.vision, LLAVA_VISION_KEYS, "config.model.vision", path)
+  compare(cfg.decoder, theirs.decoder, DECODER_KEYS, "config.model.decoder", path,
+          "text_config.")
+  compare(cfg, theirs, dict(image_token_id="image_token_index"), "config.model", path)
+  compare(cfg.projector, theirs.projector, dict(kind="projector_hidden_act"),
+          "config.model.projector", path)
+  _check_mean_std(folder, cfg.vision)
+  return Source(folder, "llava", tuple(hm.llava_rules(cfg)), tied=cfg.decoder.tie_embeddings)
+
+
+def vision_source(folder: str, cfg: ModelConfig) -> Source:
+  path = os.path.join(folder, "config.json")
+  raw = read_config(folder)
+  full = raw["model_type"] in ("clip", "siglip")  # CLIPModel / SiglipModel: the vision half
+  if full:
+    raw = raw.get("vision_config") or {}
+  _expect_type(raw, ("clip_vision_model", "siglip_vision_model"), "vision_from_hf", path)
+  v = cfg.vision
+  theirs = _hf_config(folder, "vision_from_hf", hm.vision_config_from_hf, raw,
+                      feature_layer=v.feature_layer, feature_select=v.feature_select,
+                      mean=v.mean, std=v.std)
+  compare(v, theirs, VISION_KEYS, "config.model.vision", path,
+          "vision_config." if full else "")
+  _check_mean_std(folder, v)
+  return Source(folder, "vision", _rooted(hm.vision_rules(v), ("towers", "image")),
+                only="vision_model." if full else "")
+
+
+def decoder_source(folder: str, cfg: ModelConfig) -> Source:
+  path = os.path.join(folder, "config.json")
+  raw = read_config(folder)
+  _expect_type(raw, ("llama", "mistral"), "decoder_from_hf", path)
+  _check_text(raw, folder)
+  theirs = _hf_config(folder, "decoder_from_hf", hm.decoder_config_from_hf, raw)
+  compare(cfg.decoder, theirs, DECODER_KEYS, "config.model.decoder", path)
+  return Source(folder, "llama", _rooted(hm.llama_rules(cfg.decoder), ("decoder",)),
+                tied=cfg.decoder.tie_embeddings)
+
+
+def _expect_type(raw: Mapping[str, Any], kinds: tuple[str, ...], init_key: str,
+                 path: str) -> None:
+  if raw.get("model_type") not in kinds:
+    raise ConfigError(f"config.init.{init_key}: {path} has model_type "
+                      f"{raw.get('model_type')!r}, expected one of {kinds}")
+
+
+def _check_text(raw: Mapping[str, Any], folder: str) -> None:
+  if raw.get("sliding_window") is not None:
+    raise ConfigError(f"config.init: {folder}/config.json sets sliding_window="
+                      f"{raw['sliding_window']}; sliding-window attention is not implemented")
+
+
+def sources(init: InitConfig, cfg: ModelConfig) -> list[Source]:
+  """The configured folders, each checked against `cfg` (ConfigError on any mismatch)."""
+  out = []
+  if init.llava_from_hf:
+    out.append(llava_source(init.llava_from_hf, cfg))
+  if init.vision_from_hf:
+    out.append(vision_source(init.vision_from_hf, cfg))
+  if init.decoder_from_hf:
+    out.append(decoder_source(init.decoder_from_hf, cfg))
+  return out
+
+
+def covered(init: InitConfig, cfg: ModelConfig) -> set[hm.Path]:
+  """Parameter paths that `init`'s folders provide."""
+  return {r.path for src in sources(init, cfg) for r in src.rules}
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _names(src: Source, st: SafetensorsFolder) -> dict[str, str]:
+  """Normalised (5.x) key -> the key stored in the folder; refuses any unused tensor."""
+  stored = [k for k in st.keys() if k.startswith(src.only)]
+  names = hm.normalize_keys({k: k for k in stored}, src.family)
+  wanted = {r.hf for r in src.rules}
+  for key, name in names.items():
+    skip = hm.ignored(key) or (src.tied and key == "lm_head.weight")
+    if key not in wanted and not skip:
+      raise ValueError(f"{name} in {st.file_of(name)}: no parameter of the model takes it "
+                       f"(config.init expects a {src.family} checkpoint matching the preset)")
+  return names
+
+
+def tensors(src: Source) -> Iterator[tuple[hm.Path, hm.Rule, np.ndarray]]:
+  """(mm path, rule, float[mm_shape] in the source dtype), one tensor at a time."""
+  st = SafetensorsFolder(src.folder)
+  names = _names(src, st)
+  for rule in src.rules:
+    name = names.get(rule.hf)
+    if name is None:
+      raise ValueError(f"{src.folder}: tensor {rule.hf!r} (for {hm.path_str(rule.path)}) "
+                       "is missing from its safetensors files")
+    x = st.get(name)
+    if x.shape != rule.hf_shape:
+      raise ValueError(f"{name} in {st.file_of(name)}: shape {x.shape}, expected "
+                       f"{rule.hf_shape} for {hm.path_str(rule.path)}")
+    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+      raise ValueError(f"{name} in {st.file_of(name)}: dtype {x.dtype} is not floating point")
+    yield rule.path, rule, rule.to_mm(x)
+
+
+def _sharded(x: np.ndarray, like: jax.Array | jax.ShapeDtypeStruct) -> jax.Array:
+  """x as an array with `like`'s shape, dtype and sharding; each device gets its slice."""
+  return jax.make_array_from_callback(like.shape, like.sharding,
+                                      lambda index: np.asarray(x[index], like.dtype))
+
+
+def init_from_hf(init: InitConfig, cfg: ModelConfig,
+                 trees: Sequence[nnx.State]) -> list[nnx.State]:
+  """`trees` (e.g. TrainState.params and .frozen) with every parameter that the folders of
+  `init` cover replaced, same shapes, dtypes and shardings; the rest are kept as they are.
+  Leaves may be jax.ShapeDtypeStructs carrying shardings: covered ones become arrays
+  without anything else ever being allocated.
+
+  Raises ConfigError if a folder's config disagrees with `cfg`, ValueError naming the
+  tensor and file if a tensor is missing, unused or of the wrong shape.
+  """
+  srcs = sources(init, cfg)
+  if not srcs:
+    return list(trees)
+  flats = [dict(nnx.to_flat_state(t)) for t in trees]
+  owner = {path: flat for flat in flats for path in flat}
+  for src in srcs:
+    for path, rule, x in tensors(src):
+      if path not in owner:
+        raise ValueError(f"{rule.hf} ({src.folder}): the model has no parameter "
+                         f"{hm.path_str(path)}")
+      var = owner[path][path]
+      owner[path][path] = var.replace(_sharded(x, var.get_value()))
+  return [nnx.from_flat_state(list(flat.items())) for flat in flats]

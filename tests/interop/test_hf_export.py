@@ -1,0 +1,122 @@
+"""HF LLaVA -> config.init -> (checkpoint) -> export -> transformers: same logits, 1e-5."""
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from hf_models import (
+  IMAGE,
+  assert_close,
+  images_np,
+  llava_batch,
+  llava_hf,
+  save_hf,
+  state_dict,
+  torch,
+  transformers,
+)
+from test_hf_import import MESH, leaves, llava_cfg
+
+from mm_jax import sharding
+from mm_jax.config import ConfigError
+from mm_jax.data import pipeline
+from mm_jax.interop import hf, hf_export
+from mm_jax.interop import hf_mapping as hm
+from mm_jax.interop import safetensors_io as sio
+from mm_jax.train import loop
+from mm_jax.train import state as state_lib
+from mm_jax.train.checkpoint import Checkpointer
+
+TOL = 1e-5
+
+
+def hf_logits(model, tokens: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(tokens),
+                 pixel_values=torch.from_numpy(pixels)).logits.numpy()
+
+
+def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path):
+  ref = llava_hf("clip", "default")
+  folder = save_hf(ref, tmp_path / "hf", max_shard_size="100KB")  # sharded, with an index
+  assert os.path.isfile(os.path.join(folder, sio.INDEX))
+  cfg = llava_cfg(ref, **{"mesh.data": 1, "mesh.fsdp": 2, "init.llava_from_hf": folder,
+                          "checkpoint.async_save": False})
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])  # restored onto 8 by the export
+  built = state_lib.build(cfg, mesh)
+  with jax.set_mesh(mesh):  # what loop.train does when it starts fresh
+    state = state_lib.initialise(built, cfg)
+  want = hm.llava_to_mm(state_dict(ref), cfg.model)
+  shardings = leaves(built.shardings.params)
+  for path, var in leaves(state.params).items():
+    assert var.get_value().sharding == shardings[path].get_value(), hm.path_str(path)
+    np.testing.assert_array_equal(np.asarray(var.get_value()), want[path])
+
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+  loop.write_config(cfg, workdir)
+  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+  ckpt.save(3, state, data, force=True)
+  ckpt.close()
+  hf.main(["export", f"--workdir={workdir}", f"--out={out}", "--max_shard_gb=0.0001"])
+
+  assert os.path.isfile(os.path.join(out, sio.INDEX))
+  exported = transformers.LlavaForConditionalGeneration.from_pretrained(out).float().eval()
+  tokens, pixels, _ = llava_batch("two_one", cfg.model.vision.tokens_per_image)
+  assert_close(hf_logits(exported, tokens, pixels), hf_logits(ref, tokens, pixels),
+               "exported llava logits", TOL)
+
+
+def test_export_grows_the_table_for_a_sentinel_image_token(tmp_path):
+  """tiny-style image_token_id == V: exported V' = V + 1 with a zero row; logits over the
+  first V ids match our model; the WordLevel tokenizer maps <image> to V."""
+  vocab = 64
+  ref = llava_hf("clip", "full", image_token=vocab)  # never run by HF: V has no row for it
+  folder = save_hf(ref, tmp_path / "hf")
+  cfg = llava_cfg(ref, **MESH, **{"init.llava_from_hf": folder})
+  model = hf.load_model(cfg, sharding.make_mesh(cfg.mesh))
+  out = str(tmp_path / "out")
+  hf_export.export_model(model, cfg, out)
+
+  tokens, pixels, batch = llava_batch("two_one", cfg.model.vision.tokens_per_image,
+                                      image_token=vocab)
+  with jax.default_matmul_precision("highest"):
+    ours = jax.device_get(nnx.jit(lambda m, b: m(b))(model, batch))
+  exported = transformers.LlavaForConditionalGeneration.from_pretrained(out).float().eval()
+  assert exported.config.text_config.vocab_size == vocab + 1
+  theirs = hf_logits(exported, tokens, pixels)
+  assert_close(theirs[..., :vocab], ours, "logits over the first V ids", 1e-4)
+  np.testing.assert_array_equal(theirs[..., vocab], 0.0)
+
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  words = pipeline.synthetic_tokenizer()
+  text = f"{words.words[0]} <image> {words.words[1]}"
+  assert tok(text).input_ids == [words.encode(words.words[0])[0], vocab,
+                                 words.encode(words.words[1])[0]]
+  proc = transformers.AutoProcessor.from_pretrained(out)
+  image = (images_np(1)[0].transpose(1, 2, 0) * 40 + 128).clip(0, 255).astype(np.uint8)
+  ids = proc(images=image, text="<image> " + words.words[0]).input_ids[0]
+  assert list(ids).count(vocab) == cfg.model.vision.tokens_per_image
+  config = json.load(open(os.path.join(out, "preprocessor_config.json")))
+  assert config["crop_size"] == {"height": IMAGE, "width": IMAGE}
+
+  half = str(tmp_path / "bf16")
+  hf_export.export_model(model, cfg, half, dtype="bfloat16")
+  st = sio.SafetensorsFolder(half)
+  embed = st.get("language_model.model.embed_tokens.weight")
+  assert embed.dtype == ml_dtypes.bfloat16 and embed.shape == (vocab + 1, cfg.model.decoder.width)
+  np.testing.assert_array_equal(np.asarray(embed[:vocab], np.float32),
+                                state_dict(ref)["model.language_model.embed_tokens.weight"]
+                                .astype(ml_dtypes.bfloat16).astype(np.float32))
+  assert json.load(open(os.path.join(half, "config.json")))["dtype"] == "bfloat16"
+
+
+def test_export_refuses_what_llava_cannot_express(tmp_path, tiny):
+  cfg = tiny(**{"model.projector.kind": "linear"})
+  loop.write_config(cfg, str(tmp_path))
+  with pytest.raises(ConfigError, match="config.model.projector.kind: 'linear'"):
+    hf.export(str(tmp_path), str(tmp_path / "out"))
