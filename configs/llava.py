@@ -81,6 +81,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.decoder = {"rope_theta": 10000.0, "norm_eps": 1e-5, "tie_embeddings": False,
                      "head_dim": 0, **preset["decoder"]}
   c.model.image_token_id = preset.get("image_token_id", 32000)
+  # Video and audio stay off in LLaVA presets (configs/mimo.py turns them on).
+  c.model.modalities = ("image",)
+  c.model.video_token_id = c.model.image_token_id + 1
+  c.model.audio_token_id = c.model.image_token_id + 2
+  c.model.video = dict(num_frames=8, pool=2, tower="shared", projector="separate")
+  c.model.audio = dict(kind="whisper", n_mels=80, width=768, depth=12, heads=12, mlp_dim=3072,
+                       max_source_positions=1500, layer_norm_eps=1e-5, pool=2, projector="mlp")
   c.model.attention = "auto"
   c.model.merge = "auto"
   c.model.dtype = preset.get("dtype", "bfloat16")
@@ -90,6 +97,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,
       pack=True, num_train=20000, num_eval=512, seed=0, worker_count=0 if not big else 16,
+      videos_per_sample=1, audios_per_sample=1, audio_seq_len=3000, clip_seconds=1.0,
       json="", eval_json="", image_dir="", tfds_dir="", tokenizer="",
       template="plain" if stage_name == "pretrain" else "vicuna_v1",
       image_aspect_ratio="pad", strict=False, max_skip_fraction=0.01))
@@ -111,10 +119,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if not big
                                      else dict(data=1, fsdp=-1, tensor=1))
   # Local Hugging Face folders to start from (mm_jax.interop.hf), e.g.
-  # --config.init.llava_from_hf=/ckpt/llava-1.5-7b-hf with matching model shapes.
-  c.init = dict(vision_from_hf="", decoder_from_hf="", llava_from_hf="")
+  # --config.init.llava_from_hf=/ckpt/llava-1.5-7b-hf with matching model shapes;
+  # audio_from_hf (a Whisper folder) fills towers/audio of configs/mimo.py presets.
+  c.init = dict(vision_from_hf="", decoder_from_hf="", llava_from_hf="", audio_from_hf="")
   c.generate = dict(max_new_tokens=16 if not big else 512, temperature=0.0, top_k=0,
                     top_p=1.0, seed=0, stop=())
-  c.eval = dict(generate=True)
+  c.eval = dict(generate=True, drop_modality="")
   c.lock()
   return c

@@ -146,13 +146,52 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoConfig:
+  """Video as frames through a ViT (LLaVA-NeXT-Video style).
+
+  Each frame gives the vision tower's patch features (`vision.feature_layer`, class token
+  dropped), average-pooled over the patch grid with stride `pool`, then projected; one
+  `<video>` tag expands to num_frames x (grid / pool)^2 placeholders.
+  """
+
+  num_frames: int = 8
+  pool: int = 2  # spatial average pooling stride on each frame's patch grid; 1 = none
+  tower: str = "shared"  # shared: the image tower (towers/image) | separate: towers/video
+  projector: str = "separate"  # shared: the image projector | separate: projectors/video
+
+  def validate(self, key: str, vision: VisionConfig) -> None:
+    _check(self.num_frames >= 1, f"{key}.num_frames", "must be >= 1")
+    grid = vision.image_size // vision.patch_size
+    _check(self.pool >= 1 and grid % self.pool == 0, f"{key}.pool",
+           f"{self.pool} must divide the {grid}x{grid} patch grid")
+    _check(self.tower in ("shared", "separate"), f"{key}.tower", "must be shared|separate")
+    _check(self.projector in ("shared", "separate"), f"{key}.projector",
+           "must be shared|separate")
+    _check(vision.feature_select == "patch", f"{key}.tower",
+           "video pooling needs patch features (vision.feature_select=patch)")
+
+  def tokens_per_video(self, vision: VisionConfig) -> int:
+    grid = vision.image_size // vision.patch_size // self.pool
+    return self.num_frames * grid * grid
+
+
+MODALITIES = ("image", "video", "audio")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vision: VisionConfig = VisionConfig()
   projector: ProjectorConfig = ProjectorConfig()
   decoder: DecoderConfig = DecoderConfig()
+  video: VideoConfig = VideoConfig()
+  audio: AudioConfig = AudioConfig()
+  # Which inputs the model reads besides text (towers and projectors are built for these).
+  modalities: tuple[str, ...] = ("image",)
   # Placeholder id of `<image>`; may lie outside the vocabulary (LLaVA's sentinel style):
   # placeholder positions are never looked up in the embedding table.
   image_token_id: int = 32000
+  video_token_id: int = 32001
+  audio_token_id: int = 32002
   attention: str = "auto"
   merge: str = "auto"
   dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
@@ -169,15 +208,39 @@ class ModelConfig:
            f"must be one of {MERGE_IMPLS}, got {self.merge!r}")
     _check(self.dtype in DTYPES, f"{key}.dtype", f"must be one of {DTYPES}")
     _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")
-    _check(self.image_token_id >= 0, f"{key}.image_token_id", "must be >= 0")
+    _check(len(self.modalities) == len(set(self.modalities))
+           and set(self.modalities) <= set(MODALITIES), f"{key}.modalities",
+           f"{self.modalities}: each of {MODALITIES} at most once")
+    ids = {m: getattr(self, f"{m}_token_id") for m in self.modalities}
+    for m, i in ids.items():
+      _check(i >= 0, f"{key}.{m}_token_id", "must be >= 0")
+    _check(len(set(ids.values())) == len(ids), f"{key}.modalities",
+           f"placeholder ids must differ: {ids}")
+    if "video" in self.modalities:
+      self.video.validate(f"{key}.video", self.vision)
+    if "audio" in self.modalities:
+      self.audio.validate(f"{key}.audio")
+
+  def token_id(self, modality: str) -> int:
+    return getattr(self, f"{modality}_token_id")
+
+
+SOURCES = ("synthetic", "synthetic_av", "llava_json", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic | llava_json | tfds (llava_json via ArrayRecord)
+  # synthetic (shapes, images) | synthetic_av (audio-video task) | llava_json | tfds
+  # (llava_json via ArrayRecord)
+  source: str = "synthetic"
   task: str = "qa"  # synthetic only: qa (stage 2 style) | caption (stage 1 style)
+  clip_seconds: float = 1.0  # synthetic_av only: length of each generated clip
   seq_len: int = 64
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
+  videos_per_sample: int = 1  # video slots per row (Mv), when the model reads video
+  audios_per_sample: int = 1  # audio slots per row (Ma), when the model reads audio
+  audio_seq_len: int = 3000  # log-mel frames per audio slot (L; 100 per second); longer
+  # clips are cut to it
   pack: bool = True  # first-fit several samples into one row (segment ids keep them apart)
   num_train: int = 20000  # synthetic only
   num_eval: int = 512  # synthetic only
@@ -196,9 +259,9 @@ class DataConfig:
   max_skip_fraction: float = 0.01  # stop when more records than this are bad
 
   def validate(self, key: str) -> None:
-    _check(self.source in ("synthetic", "llava_json", "tfds"), f"{key}.source",
-           f"unknown source {self.source!r} (synthetic | llava_json | tfds)")
-    if self.source != "synthetic":
+    _check(self.source in SOURCES, f"{key}.source",
+           f"unknown source {self.source!r} ({' | '.join(SOURCES)})")
+    if self.source not in ("synthetic", "synthetic_av"):
       names = ("json", "image_dir", "tokenizer") + (("tfds_dir",) if self.source == "tfds"
                                                    else ())
       for name in names:
@@ -210,7 +273,9 @@ class DataConfig:
     _check(0 <= self.max_skip_fraction <= 1, f"{key}.max_skip_fraction", "must be in [0, 1]")
     _check(self.task in ("qa", "caption"), f"{key}.task", f"must be qa|caption, got {self.task!r}")
     _check(self.seq_len > 0, f"{key}.seq_len", "must be positive")
-    _check(self.images_per_sample >= 1, f"{key}.images_per_sample", "must be >= 1")
+    for name in ("images_per_sample", "videos_per_sample", "audios_per_sample",
+                 "audio_seq_len"):
+      _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
     _check(self.num_train > 0 and self.num_eval > 0, f"{key}.num_train", "splits must be non-empty")
     _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
 
@@ -295,12 +360,15 @@ class InitConfig:
 
   vision_from_hf: CLIPVisionModel / SiglipVisionModel (or a full CLIPModel / SiglipModel);
   decoder_from_hf: LlamaForCausalLM; llava_from_hf: LlavaForConditionalGeneration (all of
-  the model, so it excludes the other two). Shapes must match config.model.
+  the model but audio, so it excludes the first two); audio_from_hf: the encoder of a
+  WhisperModel / WhisperForConditionalGeneration (or a bare WhisperEncoder) for towers/audio,
+  needs "audio" in config.model.modalities. Shapes must match config.model.
   """
 
   vision_from_hf: str = ""
   decoder_from_hf: str = ""
   llava_from_hf: str = ""
+  audio_from_hf: str = ""
 
   def validate(self, key: str) -> None:
     _check(not (self.llava_from_hf and (self.vision_from_hf or self.decoder_from_hf)),
@@ -333,9 +401,12 @@ class EvalConfig:
   # Greedy-generate each held-out answer and score it VQA-style (normalised exact match),
   # besides the teacher-forced exact match.
   generate: bool = True
+  # Ablation: zero this modality's input (image | video | audio) in every eval batch.
+  drop_modality: str = ""
 
   def validate(self, key: str) -> None:
-    del key
+    _check(self.drop_modality in ("", *MODALITIES), f"{key}.drop_modality",
+           f"must be empty or one of {MODALITIES}, got {self.drop_modality!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +435,9 @@ class Config:
            "the config argument (configs/llava.py:7b,stage=pretrain), not by override")
     _check(self.train.batch_size % self.optim.grad_accum == 0, f"{key}.optim.grad_accum",
            f"{self.optim.grad_accum} does not divide train.batch_size {self.train.batch_size}")
+    _check(not self.init.audio_from_hf or "audio" in self.model.modalities,
+           f"{key}.init.audio_from_hf", f"needs 'audio' in {key}.model.modalities "
+           f"(got {self.model.modalities})")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

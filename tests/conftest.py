@@ -11,13 +11,21 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from configs import llava  # noqa: E402
+from configs import llava, mimo  # noqa: E402
 from mm_jax import config as config_lib  # noqa: E402
 
 
 def tiny_config(**overrides) -> config_lib.Config:
   """The tiny preset with dotted overrides, e.g. tiny_config(**{"train.steps": 3})."""
-  cd = llava.get_config("tiny")
+  return _with_overrides(llava.get_config("tiny"), overrides)
+
+
+def mimo_config(**overrides) -> config_lib.Config:
+  """configs/mimo.py:tiny (video + audio) with dotted overrides."""
+  return _with_overrides(mimo.get_config("tiny"), overrides)
+
+
+def _with_overrides(cd, overrides) -> config_lib.Config:
   with cd.unlocked():
     for key, value in overrides.items():
       node = cd

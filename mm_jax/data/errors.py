@@ -17,9 +17,13 @@ TOO_MANY_IMAGES = "too_many_images"  # more images than data.images_per_sample (
 NOT_UTF8 = "not_utf8"
 MISSING_AUDIO = "missing_audio"
 CORRUPT_AUDIO = "corrupt_audio"
+MISSING_VIDEO = "missing_video"
+CORRUPT_VIDEO = "corrupt_video"  # unreadable, too few frames, or no audio track when asked
+TOO_MANY_MEDIA = "too_many_media"  # more videos / audio clips than slots per sample
 
 REASONS = frozenset({MISSING_IMAGE, CORRUPT_IMAGE, TAG_MISMATCH, BAD_CONVERSATION, BAD_JSON,
-                     TOO_LONG, TOO_MANY_IMAGES, NOT_UTF8, MISSING_AUDIO, CORRUPT_AUDIO})
+                     TOO_LONG, TOO_MANY_IMAGES, NOT_UTF8, MISSING_AUDIO, CORRUPT_AUDIO,
+                     MISSING_VIDEO, CORRUPT_VIDEO, TOO_MANY_MEDIA})
 
 
 class BadRecord(ValueError):

@@ -1,34 +1,49 @@
 """The `llava_json` and `tfds` sources wired into the pipeline: records -> examples.
 
-`tfds` reads the same JSON + images, converted once into ArrayRecord files under
+`tfds` reads the same JSON + media, converted once into ArrayRecord files under
 `data.tfds_dir` (tensorflow-datasets, no TensorFlow), and then reads records at random.
 
-`data.json` (JSON list or JSON Lines, LLaVA's format) with images under `data.image_dir`,
+`data.json` (JSON list or JSON Lines, LLaVA's format) with media under `data.image_dir`,
 tokenised by `data.tokenizer` with `data.template`; each `<image>` tag expands into as many
-placeholders as the vision tower yields. Decoding runs inside grain workers.
+placeholders as the vision tower yields, each `<video>` into `tokens_per_video`, each
+`<audio>` into its own clip's count (clips differ in length). Videos give
+`model.video.num_frames` uniformly sampled frames (`video.load_video`); audio files, or the
+videos' audio tracks (sources.py's rule), give log-mel features cut to
+`data.audio_seq_len` frames. Decoding runs inside grain workers.
 """
 
 from __future__ import annotations
 
 import grain
+import numpy as np
 
 from mm_jax.config import ConfigError, DataConfig
-from mm_jax.data import media, sources, templates, text, tfds_source
-from mm_jax.data.text import IMAGE_TAG
+from mm_jax.data import audio, media, sources, templates, text, tfds_source, video
+from mm_jax.data.errors import CORRUPT_AUDIO, CORRUPT_VIDEO, TAG_MISMATCH, BadRecord
+from mm_jax.data.text import AUDIO_TAG, IMAGE_TAG, VIDEO_TAG
+
+_TAGS = {"image": IMAGE_TAG, "video": VIDEO_TAG, "audio": AUDIO_TAG}
 
 
-def tokenizer_for(data: DataConfig, image_token_id: int):
-  """Loads the tokenizer and checks its `<image>` id is the model's placeholder id."""
-  tok = text.load_tokenizer(data.tokenizer, tags=(IMAGE_TAG,))
-  if tok.tag_id(IMAGE_TAG) != image_token_id:
-    raise ConfigError(f"config.model.image_token_id: {image_token_id}, but the tokenizer "
-                      f"{data.tokenizer} gives {IMAGE_TAG} id {tok.tag_id(IMAGE_TAG)}; set "
-                      f"--config.model.image_token_id={tok.tag_id(IMAGE_TAG)}")
+def tokenizer_for(data: DataConfig, model):
+  """Loads the tokenizer with a tag per modality and checks the model's placeholder ids.
+
+  model: anything with `modalities` and `<m>_token_id` (ModelConfig, pipeline.RowSpec).
+  `<image>` is always registered, and first, so that tags missing from the vocabulary get
+  the same ids (vocab, vocab + 1, ...) whichever of video and audio the model reads.
+  """
+  tags = [IMAGE_TAG] + [_TAGS[m] for m in ("video", "audio") if m in model.modalities]
+  tok = text.load_tokenizer(data.tokenizer, tags=tags)
+  for m in model.modalities:
+    want, got = getattr(model, f"{m}_token_id"), tok.tag_id(_TAGS[m])
+    if got != want:
+      raise ConfigError(f"config.model.{m}_token_id: {want}, but the tokenizer {data.tokenizer} "
+                        f"gives {_TAGS[m]} id {got}; set --config.model.{m}_token_id={got}")
   return tok
 
 
 def _built_tfds(json_path: str, data: DataConfig) -> str:
-  """Converts the JSON + images to ArrayRecord once (process 0; the others wait)."""
+  """Converts the JSON + media to ArrayRecord once (process 0; the others wait)."""
   import jax
   from jax.experimental import multihost_utils
 
@@ -40,6 +55,44 @@ def _built_tfds(json_path: str, data: DataConfig) -> str:
   return path
 
 
+def _load(file: sources.MediaFile, load, **kwargs):
+  """load(file's bytes or path); a BadRecord about bytes names the file's path instead."""
+  try:
+    return load(file.source, **kwargs)
+  except BadRecord as e:
+    if file.data is None:
+      raise
+    detail = f"{file.path}: {e.detail.removeprefix('<bytes>: ')}"
+    raise BadRecord(e.reason, e.record_id, detail) from e
+
+
+def decode_av(sample: sources.Sample, spec, data: DataConfig
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """The sample's videos uint8[F, S, S, 3] and log-mel clips float32[L_i, n_mels]."""
+  for m, files in (("video", sample.videos), ("audio", sample.audios or sample.audio_from_video)):
+    if files and m not in spec.modalities:  # before decoding anything
+      raise BadRecord(TAG_MISMATCH, sample.id, f"has {m} but the model reads no {m} "
+                      "(config.model.modalities)")
+  videos, tracks = [], []
+  for f in sample.videos:
+    frames, track = _load(f, video.load_video, num_frames=spec.num_frames, size=spec.image_size,
+                          with_audio=sample.audio_from_video, record_id=sample.id,
+                          aspect=data.image_aspect_ratio, mean=spec.mean)
+    videos.append(frames)
+    tracks.append(track)
+  files = sample.videos if sample.audio_from_video else sample.audios
+  if not sample.audio_from_video:
+    tracks = [_load(f, audio.load_audio, record_id=sample.id) for f in files]
+  # Cut before the features, as WhisperFeatureExtractor cuts to 30 s before its own.
+  mels = [audio.log_mel(w[:spec.audio_seq_len * audio.HOP], n_mels=spec.n_mels) for w in tracks]
+  for f, mel in zip(files, mels, strict=True):
+    if spec.audio_tokens(len(mel)) < 1:
+      reason = CORRUPT_VIDEO if sample.audio_from_video else CORRUPT_AUDIO
+      raise BadRecord(reason, sample.id, f"{f.path}: {len(mel)} log-mel frames, too short "
+                      "for one audio token")
+  return videos, mels
+
+
 def llava_examples(data: DataConfig, spec, *, split: str):
   """(MapDataset of records, record -> example-or-marker)."""
   from mm_jax.data import pipeline
@@ -47,8 +100,7 @@ def llava_examples(data: DataConfig, spec, *, split: str):
   path = data.json if split == "train" else data.eval_json
   if not path:
     raise ConfigError("config.data.eval_json: required to evaluate a llava_json run")
-  tok = tokenizer_for(data, spec.image_token_id)
-  expand = {spec.image_token_id: spec.tokens_per_image}
+  tok = tokenizer_for(data, spec)
   if data.source == "tfds":
     records = tfds_source.TfdsRecords(_built_tfds(path, data))
     parse = tfds_source.parse_tfds_record
@@ -58,10 +110,16 @@ def llava_examples(data: DataConfig, spec, *, split: str):
 
   def make(record) -> dict:
     sample = parse(record)
+    videos, mels = decode_av(sample, spec, data)
     images = [media.preprocess(im, size=spec.image_size, aspect=data.image_aspect_ratio,
                                mean=spec.mean, std=spec.std) for im in sample.images]
+    expand = {tok.tag_id(IMAGE_TAG): spec.tokens_per_image}
+    if "video" in spec.modalities:
+      expand[spec.video_token_id] = spec.tokens_per_video
+    if "audio" in spec.modalities:
+      expand[spec.audio_token_id] = [spec.audio_tokens(len(m)) for m in mels]
     enc = templates.render_conversation(tok, sample.conversation, data.template, expand=expand)
-    return pipeline.to_example(sample.id, enc, images, spec)
+    return pipeline.to_example(sample.id, enc, images, spec, videos=videos, audios=mels)
 
   describe = lambda record: str(record.get("id", "?")) if isinstance(record, dict) else "?"
   return grain.MapDataset.source(records), pipeline.guarded(make, describe)

@@ -90,11 +90,21 @@ def preprocess(image: np.ndarray, *, size: int, aspect: str, mean: Sequence[floa
   expand2square); "resize" squashes to size x size; "crop" resizes the shortest side to
   `size` then centre-crops (the CLIP image processor).
   """
+  if len(std) != 3:
+    raise ValueError(f"std needs 3 values, got {len(std)}")
+  return normalise(fit(image, size=size, aspect=aspect, mean=mean), mean, std)
+
+
+def fit(image: np.ndarray, *, size: int, aspect: str, mean: Sequence[float]) -> np.ndarray:
+  """uint8[H, W, 3] -> uint8[size, size, 3] by `aspect` (see `preprocess`), not normalised.
+
+  Video frames use it directly: they stay uint8 (4x smaller) until the pipeline stacks them.
+  """
   _check_image(image)
   if size <= 0:
     raise ValueError(f"size must be positive, got {size}")
-  if len(mean) != 3 or len(std) != 3:
-    raise ValueError(f"mean/std need 3 values, got {len(mean)} and {len(std)}")
+  if len(mean) != 3:
+    raise ValueError(f"mean needs 3 values, got {len(mean)}")
   img = Image.fromarray(image)
   if aspect == "pad":
     img = _resize(_expand_to_square(img, mean), size, size)
@@ -104,7 +114,7 @@ def preprocess(image: np.ndarray, *, size: int, aspect: str, mean: Sequence[floa
     img = _centre_crop(_resize_shortest(img, size), size)
   else:
     raise ValueError(f"unknown aspect {aspect!r}; expected one of {ASPECTS}")
-  return normalise(np.asarray(img), mean, std)
+  return np.asarray(img)
 
 
 def _check_image(image: np.ndarray) -> None:

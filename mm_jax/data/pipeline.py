@@ -25,15 +25,15 @@ import jax
 import numpy as np
 from absl import flags
 
-from mm_jax.config import DataConfig, VisionConfig
-from mm_jax.data import media, skips, synthetic
+from mm_jax.config import DataConfig, ModelConfig
+from mm_jax.data import audio, media, skips, synthetic, synthetic_av
 from mm_jax.data.errors import BadRecord
-from mm_jax.data.text import IMAGE_TAG, Encoded, WordTokenizer, render
+from mm_jax.data.text import AUDIO_TAG, VIDEO_TAG, Encoded, WordTokenizer, render
 
 
 @dataclasses.dataclass(frozen=True)
 class RowSpec:
-  """What the model needs from the pipeline: lengths, placeholder id, image geometry."""
+  """What the model needs from the pipeline: lengths, placeholder ids, media geometry."""
 
   seq_len: int
   images_per_sample: int
@@ -42,11 +42,36 @@ class RowSpec:
   image_size: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  modalities: tuple[str, ...] = ("image",)
+  videos_per_sample: int = 1
+  num_frames: int = 1
+  video_token_id: int = -1
+  tokens_per_video: int = 0
+  audios_per_sample: int = 1
+  audio_seq_len: int = 1
+  n_mels: int = 80
+  audio_token_id: int = -1
+  audio_pool: int = 1
 
   @classmethod
-  def create(cls, data: DataConfig, vision: VisionConfig, image_token_id: int) -> RowSpec:
-    return cls(data.seq_len, data.images_per_sample, image_token_id, vision.tokens_per_image,
-               vision.image_size, vision.mean, vision.std)
+  def create(cls, data: DataConfig, model: ModelConfig) -> RowSpec:
+    v = model.vision
+    return cls(data.seq_len, data.images_per_sample, model.image_token_id, v.tokens_per_image,
+               v.image_size, v.mean, v.std, model.modalities, data.videos_per_sample,
+               model.video.num_frames, model.video_token_id, model.video.tokens_per_video(v),
+               data.audios_per_sample, data.audio_seq_len, model.audio.n_mels,
+               model.audio_token_id, model.audio.pool)
+
+  def audio_tokens(self, n_frames: int) -> int:
+    """Placeholders of a clip of `n_frames` log-mel frames (models/audio.tokens_for_frames)."""
+    return ((n_frames + 1) // 2) // self.audio_pool
+
+  def media(self) -> dict[str, tuple[str, int, int]]:
+    """modality -> (batch key, slots per row, placeholder id), for this model's modalities."""
+    table = {"image": ("images", self.images_per_sample, self.image_token_id),
+             "video": ("video", self.videos_per_sample, self.video_token_id),
+             "audio": ("audio", self.audios_per_sample, self.audio_token_id)}
+    return {m: table[m] for m in self.modalities}
 
 
 def synthetic_tokenizer() -> WordTokenizer:
@@ -56,22 +81,34 @@ def synthetic_tokenizer() -> WordTokenizer:
 # ----------------------------------------------------------------------------- examples
 
 
-def truncate(enc: Encoded, n_images: int, spec: RowSpec, record_id: str) -> tuple[Encoded, int]:
-  """Fits an example into T + 1 ids: cuts text only, never inside an image's placeholders.
+def _spans(tokens: np.ndarray, token_id: int, lengths: list[int]) -> list[tuple[int, int]]:
+  """[start, end) of each media item: the k-th item owns the next lengths[k] placeholders."""
+  where = np.flatnonzero(tokens == token_id)
+  spans, k = [], 0
+  for n in lengths:
+    spans.append((int(where[k]), int(where[k + n - 1]) + 1))
+    k += n
+  return spans
 
-  A cut that lands inside (or before the end of) an image's placeholder run moves to the
-  start of that run and drops that image and every later one. Raises `too_long` when not
-  even the first image fits, or when nothing to learn (no loss token) remains.
+
+def truncate(enc: Encoded, spans: dict[str, list[tuple[int, int]]], spec: RowSpec,
+             record_id: str) -> tuple[Encoded, dict[str, int]]:
+  """Fits an example into T + 1 ids: cuts text only, never inside a media item's placeholders.
+
+  A cut that lands inside a media item's placeholder run moves to the start of that run
+  and drops that item and every later one. Raises `too_long` when not even the first media
+  item fits, or when nothing to learn (no loss token) remains. Returns the items kept per
+  modality.
   """
   limit = spec.seq_len + 1
+  kept = {m: len(s) for m, s in spans.items()}
   if len(enc.tokens) <= limit:
-    return enc, n_images
-  is_ph = enc.tokens == spec.image_token_id
-  run_starts = np.flatnonzero(is_ph & ~np.concatenate([[False], is_ph[:-1]]))
-  kept = int(np.sum(run_starts + spec.tokens_per_image <= limit))  # images wholly inside
-  cut = limit if kept == len(run_starts) else int(run_starts[kept])
-  if n_images and kept == 0:
-    raise BadRecord("too_long", record_id, f"its first image alone needs more than "
+    return enc, kept
+  items = [span for s in spans.values() for span in s]
+  cut = min([limit] + [start for start, end in items if end > limit])
+  kept = {m: sum(end <= cut for _, end in s) for m, s in spans.items()}
+  if items and cut <= min(start for start, _ in items):
+    raise BadRecord("too_long", record_id, f"its first media item alone needs more than "
                     f"data.seq_len={spec.seq_len} tokens")
   tokens, answer = enc.tokens[:cut], enc.answer[:cut]
   if not answer[1:].any():
@@ -80,24 +117,61 @@ def truncate(enc: Encoded, n_images: int, spec: RowSpec, record_id: str) -> tupl
   return Encoded(tokens, answer), kept
 
 
-def to_example(record_id: str, enc: Encoded, images: list[np.ndarray], spec: RowSpec
+def _pixels(images: list[np.ndarray], spec: RowSpec) -> np.ndarray:
+  """uint8 or normalised float32 [..., S, S, 3] items -> float32, normalised."""
+  return np.stack([im if im.dtype == np.float32 else media.normalise(im, spec.mean, spec.std)
+                   for im in images]).astype(np.float32)
+
+
+def to_example(record_id: str, enc: Encoded, images: list[np.ndarray], spec: RowSpec, *,
+               videos: list[np.ndarray] = (), audios: list[np.ndarray] = (), kind: int = -1
                ) -> dict[str, np.ndarray]:
-  """Encoded ids + images -> next-token example {tokens, targets, loss_mask, images}."""
-  n_tags = int(np.sum(enc.tokens == spec.image_token_id)) // max(spec.tokens_per_image, 1)
-  if n_tags != len(images):
-    raise BadRecord("tag_mismatch", record_id,
-                      f"{n_tags} {IMAGE_TAG} tags but {len(images)} images")
-  enc, kept = truncate(enc, len(images), spec, record_id)
-  if kept > spec.images_per_sample:
-    raise BadRecord("too_many_images", record_id, f"{kept} images > data.images_per_sample "
-                    f"{spec.images_per_sample}")
+  """Encoded ids + media -> next-token example {tokens, targets, loss_mask, media...}.
+
+  images: [S, S, 3] each; videos: [F, S, S, 3] each; audios: log-mel float32[L_i, n_mels]
+  each (cut to data.audio_seq_len). The placeholders of each modality must number exactly
+  what its items yield (tag_mismatch otherwise); `kind` labels the sample for per-kind eval.
+  """
+  audios = [a[:spec.audio_seq_len] for a in audios]
+  items = {"image": list(images), "video": list(videos), "audio": audios}
+  lengths = {"image": [spec.tokens_per_image] * len(images),
+             "video": [spec.tokens_per_video] * len(videos),
+             "audio": [spec.audio_tokens(len(a)) for a in audios]}
+  media_spec = spec.media()
+  spans = {}
+  for m, got in items.items():
+    token_id = media_spec[m][2] if m in media_spec else None
+    found = int(np.sum(enc.tokens == token_id)) if token_id is not None else 0
+    if got and m not in media_spec:
+      raise BadRecord("tag_mismatch", record_id, f"{len(got)} {m} item(s) but the model "
+                      f"reads no {m} (config.model.modalities)")
+    if found != sum(lengths[m]) or (m == "audio" and 0 in lengths[m]):
+      raise BadRecord("tag_mismatch", record_id, f"{found} {m} placeholder tokens but its "
+                      f"{len(got)} item(s) need {sum(lengths[m])}")
+    if m in media_spec:
+      spans[m] = _spans(enc.tokens, token_id, lengths[m])
+  enc, kept = truncate(enc, spans, spec, record_id)
+  for m, (_, slots, _) in media_spec.items():
+    if kept[m] > slots:
+      reason = "too_many_images" if m == "image" else "too_many_media"
+      raise BadRecord(reason, record_id, f"{kept[m]} {m} items > {slots} slots per sample "
+                      f"(data.{m}s_per_sample)")
+  out = {"tokens": enc.tokens[:-1], "targets": enc.tokens[1:], "loss_mask": enc.answer[1:],
+         "kind": np.array([kind], np.int32)}
   s = spec.image_size
-  pixels = np.zeros((kept, s, s, 3), np.float32)
-  for i, image in enumerate(images[:kept]):
-    pixels[i] = (image if image.dtype == np.float32
-                 else media.normalise(image, spec.mean, spec.std))
-  return {"tokens": enc.tokens[:-1], "targets": enc.tokens[1:], "loss_mask": enc.answer[1:],
-          "images": pixels}
+  if "image" in media_spec:
+    out["images"] = (_pixels(images[:kept["image"]], spec) if kept["image"]
+                     else np.zeros((0, s, s, 3), np.float32))
+  if "video" in media_spec:
+    out["video"] = (_pixels(videos[:kept["video"]], spec) if kept["video"]
+                    else np.zeros((0, spec.num_frames, s, s, 3), np.float32))
+  if "audio" in media_spec:
+    clips = audios[:kept["audio"]]
+    out["audio"] = np.zeros((len(clips), spec.audio_seq_len, spec.n_mels), np.float32)
+    for i, a in enumerate(clips):
+      out["audio"][i, :len(a)] = a
+    out["audio_frames"] = np.array([len(a) for a in clips], np.int32)
+  return out
 
 
 def guarded(make: Callable[[object], dict], describe: Callable[[object], str]
@@ -126,15 +200,47 @@ def synthetic_examples(data: DataConfig, spec: RowSpec, *, split: str
                                image_size=spec.image_size, task=data.task)
     enc = render(tokenizer, sample["prompt"], sample["answer"],
                  image_token_id=spec.image_token_id, tokens_per_image=spec.tokens_per_image)
-    return to_example(sample["id"], enc, [sample["image"]], spec)
+    return to_example(sample["id"], enc, [sample["image"]], spec,
+                      kind=synthetic.KINDS.index(sample["kind"]))
 
   return grain.MapDataset.range(n), guarded(make, lambda i: f"synthetic-{split}-{i}")
+
+
+def av_tokenizer() -> WordTokenizer:
+  return WordTokenizer(synthetic_av.WORDS)
+
+
+def synthetic_av_examples(data: DataConfig, spec: RowSpec, *, split: str
+                          ) -> tuple[grain.MapDataset, Callable]:
+  """The embedded audio-video task: frames as a video item, log-mel of the clip as audio."""
+  tokenizer = av_tokenizer()
+  n = data.num_train if split == "train" else data.num_eval
+
+  def make(index) -> dict[str, np.ndarray]:
+    sample = synthetic_av.example(int(index), split=split, seed=data.seed,
+                                  frame_size=spec.image_size, num_frames=spec.num_frames,
+                                  clip_seconds=data.clip_seconds)
+    mel = audio.log_mel(sample["waveform"], n_mels=spec.n_mels)[:spec.audio_seq_len]
+    tags = {VIDEO_TAG: (spec.video_token_id, spec.tokens_per_video),
+            AUDIO_TAG: (spec.audio_token_id, spec.audio_tokens(len(mel)))}
+    enc = render(tokenizer, sample["prompt"], sample["answer"], tags=tags)
+    return to_example(sample["id"], enc, [], spec, videos=[sample["frames"]], audios=[mel],
+                      kind=synthetic_av.KINDS.index(sample["kind"]))
+
+  return grain.MapDataset.range(n), guarded(make, lambda i: f"synthetic_av-{split}-{i}")
+
+
+def kind_names(data: DataConfig) -> tuple[str, ...]:
+  """Names of the `kind` labels a source gives its samples (per-kind eval accuracy)."""
+  return {"synthetic": synthetic.KINDS, "synthetic_av": synthetic_av.KINDS}.get(data.source, ())
 
 
 def source_examples(data: DataConfig, spec: RowSpec, *, split: str):
   """(MapDataset of raw items, item -> example-or-marker) for the configured source."""
   if data.source == "synthetic":
     return synthetic_examples(data, spec, split=split)
+  if data.source == "synthetic_av":
+    return synthetic_av_examples(data, spec, split=split)
   from mm_jax.data import llava
 
   return llava.llava_examples(data, spec, split=split)
@@ -143,23 +249,48 @@ def source_examples(data: DataConfig, spec: RowSpec, *, split: str):
 # ----------------------------------------------------------------------------- batches
 
 
+_MEDIA_KEYS = ("images", "image_valid", "video", "video_valid", "audio", "audio_valid",
+               "audio_frames")
+_VALID = {"images": "image_valid", "video": "video_valid", "audio": "audio_valid"}
+
+
 def collate(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """grain's stacked rows -> batch: media items flattened to [B*Mi, ...]."""
+  """grain's stacked rows -> batch: media items flattened to [B*M, ...]."""
   out = dict(rows)
-  for key in ("images", "image_valid"):
-    out[key] = rows[key].reshape((-1,) + rows[key].shape[2:])
+  for key in _MEDIA_KEYS:
+    if key in rows:
+      out[key] = rows[key].reshape((-1,) + rows[key].shape[2:])
+  return out
+
+
+def _length_struct(spec: RowSpec, with_kind: bool) -> dict[str, int]:
+  t = spec.seq_len
+  out = {"tokens": t, "targets": t, "loss_mask": t}
+  for m, (key, slots, _) in spec.media().items():
+    out[key] = slots
+    if m == "audio":
+      out["audio_frames"] = slots
+  if with_kind:
+    out["kind"] = 1
   return out
 
 
 def _row_from_packed(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"tokens": p["tokens"], "targets": p["targets"],
-          "loss_mask": p["loss_mask"].astype(bool), "segment_ids": p["tokens_segment_ids"],
-          "positions": p["tokens_positions"], "images": p["images"],
-          "image_valid": p["images_segment_ids"] > 0}
+  row = {"tokens": p["tokens"], "targets": p["targets"],
+         "loss_mask": p["loss_mask"].astype(bool), "segment_ids": p["tokens_segment_ids"],
+         "positions": p["tokens_positions"]}
+  for key, valid in _VALID.items():
+    if key in p:
+      row[key], row[valid] = p[key], p[f"{key}_segment_ids"] > 0
+  for key in ("audio_frames", "kind"):
+    if key in p:
+      row[key] = p[key]
+  return row
 
 
 def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,
-              global_batch: int, stats: skips.SkipStats) -> grain.DatasetIterator:
+              global_batch: int, stats: skips.SkipStats, *, with_kind: bool = False
+              ) -> grain.DatasetIterator:
   pc, pi = jax.process_count(), jax.process_index()
   if global_batch % pc:
     raise ValueError(f"config.train.batch_size {global_batch} not divisible by {pc} processes")
@@ -170,9 +301,10 @@ def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: R
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
   it = skips.SkipFilterIterDataset(it, stats, strict=data.strict,
                                    max_fraction=data.max_skip_fraction)
-  t, m = spec.seq_len, spec.images_per_sample
+  if not with_kind:  # `kind` (one per sample) would cap a packed row at one sample
+    it = it.map(lambda ex: {k: v for k, v in ex.items() if k != "kind"})
   it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={"tokens": t, "targets": t, "loss_mask": t, "images": m},
+      it, length_struct=_length_struct(spec, with_kind),
       num_packing_bins=max(global_batch // pc, 1) if data.pack else 1, shuffle_bins=False,
       max_sequences_per_bin=None if data.pack else 1)
   it = it.map(_row_from_packed).batch(global_batch // pc, drop_remainder=True).map(collate)
@@ -193,7 +325,8 @@ def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int,
   row: exact-match accuracy is scored per row (eval_step)."""
   data = dataclasses.replace(data, pack=False)
   items, make = source_examples(data, spec, split="eval")
-  return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
+  return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats(),
+                   with_kind=True)
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
@@ -202,9 +335,21 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
 
 
 def batch_shapes(spec: RowSpec, batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Global shapes and dtypes of every batch key (for abstract compilation)."""
-  t, m, s = spec.seq_len, spec.images_per_sample, spec.image_size
-  return {"tokens": ((batch, t), np.int32), "targets": ((batch, t), np.int32),
-          "loss_mask": ((batch, t), np.bool_), "segment_ids": ((batch, t), np.int32),
-          "positions": ((batch, t), np.int32), "images": ((batch * m, s, s, 3), np.float32),
-          "image_valid": ((batch * m,), np.bool_)}
+  """Global shapes and dtypes of every training batch key (for abstract compilation)."""
+  t, s = spec.seq_len, spec.image_size
+  out = {"tokens": ((batch, t), np.int32), "targets": ((batch, t), np.int32),
+         "loss_mask": ((batch, t), np.bool_), "segment_ids": ((batch, t), np.int32),
+         "positions": ((batch, t), np.int32)}
+  media = spec.media()
+  if "image" in media:
+    m = batch * spec.images_per_sample
+    out.update(images=((m, s, s, 3), np.float32), image_valid=((m,), np.bool_))
+  if "video" in media:
+    m = batch * spec.videos_per_sample
+    out.update(video=((m, spec.num_frames, s, s, 3), np.float32),
+               video_valid=((m,), np.bool_))
+  if "audio" in media:
+    m = batch * spec.audios_per_sample
+    out.update(audio=((m, spec.audio_seq_len, spec.n_mels), np.float32),
+               audio_valid=((m,), np.bool_), audio_frames=((m,), np.int32))
+  return out

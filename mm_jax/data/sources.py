@@ -1,9 +1,16 @@
 """The `llava_json` source: LLaVA-format records (JSON list or JSON Lines) plus an image folder.
 
 A record is `{"id": ..., "image": "rel/path.jpg" | ["a.jpg", ...] (optional),
-"conversations": [{"from": "human" | "gpt", "value": "... <image> ..."}, ...]}`.
+"conversations": [{"from": "human" | "gpt", "value": "... <image> ..."}, ...]}`, and, for
+MIMO models, `"video"` and `"audio"` (or `"audios"`, as Megatron's MIMO example writes it),
+each a path or a list of paths, with `<video>` / `<audio>` tags. Media paths are relative
+to the one media folder (`data.image_dir`); absolute paths work too. Each modality's tags
+over all turns must number its files (tag_mismatch otherwise), with one rule for sound:
+a record with `<audio>` tags, no audio files and at least one video takes the audio track
+of each of its videos, in order (so its `<audio>` tags must number its videos).
 `LlavaJsonSource` serves the raw record dicts (cheap, grain's random-access protocol);
-`parse_record` validates one and decodes its images, and is meant to run inside the grain
+`parse_record` validates one and decodes its images (videos and audio are decoded later,
+by `llava.py`, which knows the frame count and mel bins), and is meant to run inside the grain
 worker processes so that JPEG decoding never stalls the train step. Broken records raise
 `BadRecord` with a countable reason so the pipeline can skip them.
 """
@@ -21,25 +28,44 @@ import numpy as np
 from mm_jax.data.errors import (
   BAD_CONVERSATION,
   BAD_JSON,
+  MISSING_AUDIO,
   MISSING_IMAGE,
+  MISSING_VIDEO,
   NOT_UTF8,
   TAG_MISMATCH,
   BadRecord,
 )
 from mm_jax.data.media import decode_image
-from mm_jax.data.text import IMAGE_TAG
+from mm_jax.data.text import AUDIO_TAG, IMAGE_TAG, VIDEO_TAG
 
 ROLES = ("human", "gpt")
 ERROR_KEY = "_error"
 
 
 @dataclasses.dataclass(frozen=True)
+class MediaFile:
+  """A video or audio file still to decode: its path, and its bytes when already read (tfds)."""
+
+  path: str
+  data: bytes | None = None
+
+  @property
+  def source(self) -> bytes | str:
+    return self.path if self.data is None else self.data
+
+
+@dataclasses.dataclass(frozen=True)
 class Sample:
-  """One validated record: uint8[H, W, 3] images in tag order and (role, text) turns."""
+  """One validated record: uint8[H, W, 3] images in tag order and (role, text) turns; video
+  and audio files in tag order; `audio_from_video`: the `<audio>` tags take the videos'
+  audio tracks (then `audios` is empty)."""
 
   id: str
   images: list[np.ndarray]
   conversation: list[tuple[str, str]]
+  videos: tuple[MediaFile, ...] = ()
+  audios: tuple[MediaFile, ...] = ()
+  audio_from_video: bool = False
 
 
 def read_records(path: str) -> list[dict]:
@@ -142,11 +168,12 @@ def record_id(record: Any, index: int | None = None) -> str:
 
 
 def parse_record(record: dict, *, image_dir: str, index: int | None = None) -> Sample:
-  """Validates one record and decodes its images (relative to image_dir; absolute allowed).
+  """Validates one record and decodes its images (media paths relative to image_dir).
 
-  Raises BadRecord: the stored error of a placeholder record; bad_conversation; tag_mismatch
-  when the `<image>` tags over all turns do not number the images; missing_image;
-  corrupt_image.
+  Raises BadRecord: the stored error of a placeholder record; bad_conversation; bad_json
+  for both `audio` and `audios`; tag_mismatch when a modality's tags over all turns do not
+  number its files; missing_image / missing_video / missing_audio for a malformed field;
+  missing_image and corrupt_image while decoding. Videos and audio are checked at decode.
   """
   rid = record_id(record, index)
   if not isinstance(record, dict):
@@ -154,12 +181,39 @@ def parse_record(record: dict, *, image_dir: str, index: int | None = None) -> S
   if ERROR_KEY in record:
     raise _stored_error(record[ERROR_KEY], rid)
   conversation = _conversation(record.get("conversations"), rid)
-  paths = _image_paths(record.get("image"), rid)
-  tags = sum(text.count(IMAGE_TAG) for _, text in conversation)
-  if tags != len(paths):
-    raise BadRecord(TAG_MISMATCH, rid, f"{tags} {IMAGE_TAG} tags for {len(paths)} images")
-  images = [decode_image(os.path.join(image_dir, p), record_id=rid) for p in paths]
-  return Sample(rid, images, conversation)
+  paths = media_paths(record, rid)
+  from_video = check_tags(conversation, paths, rid)
+  images = [decode_image(os.path.join(image_dir, p), record_id=rid) for p in paths["image"]]
+  files = {m: tuple(MediaFile(os.path.join(image_dir, p)) for p in paths[m])
+           for m in ("video", "audio")}
+  return Sample(rid, images, conversation, files["video"], files["audio"], from_video)
+
+
+def media_paths(record: dict, rid: str) -> dict[str, list[str]]:
+  """{"image" | "video" | "audio": paths as the record gives them}, or BadRecord."""
+  if "audio" in record and "audios" in record:
+    raise BadRecord(BAD_JSON, rid, "has both 'audio' and 'audios'; give one")
+  sound = record.get("audio", record.get("audios"))
+  return {"image": _paths(record.get("image"), "image", MISSING_IMAGE, rid),
+          "video": _paths(record.get("video"), "video", MISSING_VIDEO, rid),
+          "audio": _paths(sound, "audio", MISSING_AUDIO, rid)}
+
+
+def check_tags(conversation: list[tuple[str, str]], paths: dict[str, list[str]], rid: str
+               ) -> bool:
+  """Raises tag_mismatch unless each modality's tags number its files; returns whether the
+  `<audio>` tags take the videos' audio tracks (tags, no audio files, some video)."""
+  def count(tag: str) -> int:
+    return sum(text.count(tag) for _, text in conversation)
+
+  from_video = bool(count(AUDIO_TAG) and not paths["audio"] and paths["video"])
+  want = {IMAGE_TAG: (len(paths["image"]), "images"), VIDEO_TAG: (len(paths["video"]), "videos"),
+          AUDIO_TAG: (len(paths["video"]), "videos' audio tracks") if from_video
+          else (len(paths["audio"]), "audio files")}
+  for tag, (n, what) in want.items():
+    if count(tag) != n:
+      raise BadRecord(TAG_MISMATCH, rid, f"{count(tag)} {tag} tags for {n} {what}")
+  return from_video
 
 
 def _stored_error(error: Any, rid: str) -> BadRecord:
@@ -187,14 +241,14 @@ def _turn(turn: Any, n: int, rid: str) -> tuple[str, str]:
   return role, text
 
 
-def _image_paths(image: Any, rid: str) -> list[str]:
-  """The `image` field (absent, a path, or a list of paths) -> list of paths."""
-  if image is None:
+def _paths(value: Any, key: str, reason: str, rid: str) -> list[str]:
+  """A media field (absent, a path, or a list of paths) -> list of paths."""
+  if value is None:
     return []
-  paths = [image] if isinstance(image, str) else image
+  paths = [value] if isinstance(value, str) else value
   if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-    raise BadRecord(MISSING_IMAGE, rid, f"image must be a path or a list of paths, got "
-                    f"{_describe(image)}")
+    raise BadRecord(reason, rid, f"{key} must be a path or a list of paths, got "
+                    f"{_describe(value)}")
   return paths
 
 

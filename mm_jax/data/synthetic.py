@@ -29,6 +29,7 @@ QUESTIONS = {
 WORDS = tuple(COLOURS) + SHAPES + tuple(s + "s" for s in SHAPES) + COUNTS + tuple(
     sorted({w for q in QUESTIONS.values() for w in q} | {"top", "bottom", "left", "right"}))
 SPLITS = {"train": 0, "eval": 1}
+KINDS = (*QUESTIONS, "caption")  # per-kind eval accuracy reports these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,27 +68,28 @@ def caption(scene: Scene) -> list[str]:
   return words + (list(QUADRANTS[scene.quadrants[0]]) if n == 1 else [])
 
 
-def question(scene: Scene, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+def question(scene: Scene, rng: np.random.Generator) -> tuple[str, list[str], list[str]]:
+  """(kind, question words, answer words)."""
   kinds = list(QUESTIONS) if len(scene.quadrants) == 1 else ["colour", "shape", "count"]
   kind = kinds[rng.integers(len(kinds))]
   answer = {"colour": [scene.colour], "shape": [scene.shape],
             "count": [COUNTS[len(scene.quadrants) - 1]]}.get(kind)
   if kind == "position":
     answer = list(QUADRANTS[scene.quadrants[0]])
-  return QUESTIONS[kind], answer
+  return kind, QUESTIONS[kind], answer
 
 
 def example(index: int, *, split: str, seed: int, image_size: int, task: str) -> dict:
-  """Sample `index` of `split`: {"id", "image": uint8[S, S, 3], "prompt", "answer"}."""
+  """Sample `index` of `split`: {"id", "image": uint8[S, S, 3], "prompt", "answer", "kind"}."""
   rng = np.random.default_rng((seed, SPLITS[split], index))
   scene, image = draw_scene(rng, image_size)
   if task == "caption":
-    prompt, answer = [IMAGE_TAG], caption(scene)
+    kind, prompt, answer = "caption", [IMAGE_TAG], caption(scene)
   else:
-    q, answer = question(scene, rng)
+    kind, q, answer = question(scene, rng)
     prompt = [IMAGE_TAG] + q
   return {"id": f"synthetic-{split}-{index}", "image": image, "prompt": prompt,
-          "answer": answer}
+          "answer": answer, "kind": kind}
 
 
 def export_llava(out_dir: str, n: int, *, split: str = "train", seed: int = 0,

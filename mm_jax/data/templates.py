@@ -7,7 +7,7 @@ Templates: `plain` (LLaVA stage 1), `vicuna_v1` (LLaVA-1.5's `conv_vicuna_v1`), 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -120,20 +120,32 @@ _TEMPLATES = {"plain": _plain, "vicuna_v1": _vicuna_v1, "llama3": _llama3}
 TEMPLATES = tuple(_TEMPLATES)
 
 
-def _expansion(tok: Tokenizer, tag: str, expand: Mapping[int, int]) -> tuple[int, int]:
+Expand = Mapping[int, int | Sequence[int]]
+
+
+def _expansion(tok: Tokenizer, tag: str, expand: Expand, seen: dict[int, int]
+               ) -> tuple[int, int]:
+  """(id, count) of the next occurrence of `tag`; a list value gives one count per occurrence."""
   i = tok.tag_id(tag)
   if i not in expand:
     raise ValueError(f"expand has no count for tag {tag!r} (id {i})")
-  if expand[i] < 1:
-    raise ValueError(f"expand[{i}] ({tag!r}) = {expand[i]}; must be at least 1")
-  return i, expand[i]
+  counts, k = expand[i], seen.get(i, 0)
+  seen[i] = k + 1
+  if np.ndim(counts):
+    if k >= len(counts):
+      raise ValueError(f"expand[{i}] ({tag!r}) lists {len(counts)} counts but the text has "
+                       f"more {tag} tags")
+    counts = counts[k]
+  if counts < 1:
+    raise ValueError(f"expand[{i}] ({tag!r}) = {counts}; must be at least 1")
+  return i, counts
 
 
-def _encode_segments(tok: Tokenizer, segments: list[_Segment], expand: Mapping[int, int]
-                     ) -> Encoded:
-  """Segments -> ids and mask; each tag becomes `expand[id]` copies of its id, no loss."""
+def _encode_segments(tok: Tokenizer, segments: list[_Segment], expand: Expand) -> Encoded:
+  """Segments -> ids and mask; each tag becomes its count of copies of its id, no loss."""
   ids: list[int] = []
   mask: list[bool] = []
+  seen: dict[int, int] = {}  # tag id -> occurrences so far (indexes list counts)
   for item, loss in segments:
     if isinstance(item, int):
       ids.append(item)
@@ -141,26 +153,30 @@ def _encode_segments(tok: Tokenizer, segments: list[_Segment], expand: Mapping[i
       continue
     for piece in split_tags(item, tok.tags):
       if piece in tok.tags:
-        i, n = _expansion(tok, piece, expand)
+        i, n = _expansion(tok, piece, expand, seen)
         ids += [i] * n
         mask += [False] * n
       else:
         new = tok.encode(piece)
         ids += new
         mask += [loss] * len(new)
+  for i, counts in expand.items():
+    if np.ndim(counts) and len(counts) != seen.get(i, 0):
+      raise ValueError(f"expand[{i}] lists {len(counts)} counts for {seen.get(i, 0)} tags")
   return Encoded(np.asarray(ids, np.int32), np.asarray(mask, bool))
 
 
 def render_conversation(tok: Tokenizer, conversation, template: str, *,
-                        expand: Mapping[int, int]) -> Encoded:
+                        expand: Expand) -> Encoded:
   """A conversation -> int32[L] ids and bool[L] loss mask under `template`.
 
   conversation: [(role, text)] or LLaVA's [{"from": role, "value": text}], roles
   human/user and gpt/assistant, alternating from human, ending with a non-empty answer.
   template: "plain", "vicuna_v1" or "llama3" (layouts in `_plain`, `_vicuna_v1`,
-  `_llama3`). expand: tag id -> placeholder count; a tag in the text becomes that many
-  copies of its id, never in the loss. Raises ValueError for a malformed conversation or
-  an unknown template.
+  `_llama3`). expand: tag id -> placeholder count, or a list of counts, one per
+  occurrence of that tag in order (audio clips differ in length); a tag in the text
+  becomes that many copies of its id, never in the loss. Raises ValueError for a
+  malformed conversation, an unknown template or counts that do not fit the tags.
   """
   build = _TEMPLATES.get(template)
   if build is None:

@@ -14,12 +14,13 @@ import functools
 import json
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG, AUDIO_TAG = "<video>", "<audio>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +79,21 @@ class Encoded:
 
 
 def render(tokenizer: WordTokenizer, prompt: list[str], answer: list[str], *,
-           image_token_id: int, tokens_per_image: int) -> Encoded:
-  """`<bos> prompt answer <eos>` with each `<image>` word expanded to its placeholders.
+           image_token_id: int = -1, tokens_per_image: int = 0,
+           tags: Mapping[str, tuple[int, int]] | None = None) -> Encoded:
+  """`<bos> prompt answer <eos>` with each tag word expanded to its placeholders.
 
-  The loss counts on the answer words and the final <eos> only (LLaVA masks the prompt).
+  tags: tag word -> (placeholder id, count), e.g. {"<video>": (49, 64)}; by default only
+  `<image>` -> (image_token_id, tokens_per_image). The loss counts on the answer words and
+  the final <eos> only (LLaVA masks the prompt).
   """
+  tags = {IMAGE_TAG: (image_token_id, tokens_per_image)} if tags is None else tags
   ids, mask = [tokenizer.bos_id], [False]
   for word in prompt:
-    if word == IMAGE_TAG:
-      ids += [image_token_id] * tokens_per_image
-      mask += [False] * tokens_per_image
+    if word in tags:
+      token_id, count = tags[word]
+      ids += [token_id] * count
+      mask += [False] * count
     else:
       ids += tokenizer.encode([word])
       mask.append(False)

@@ -1,16 +1,16 @@
 """The `tfds` source: a LLaVA JSON / JSONL file + image folder, converted once to ArrayRecord.
 
 `build` runs a tensorflow-datasets builder that writes one example per JSON record (in tfds'
-fixed hashed order; ids are those of the JSON), with the raw image file bytes, not pixels,
-so that conversion decodes nothing; `TfdsRecords` then serves the examples at random through
-`tfds.core.DatasetBuilder.as_data_source` (ArrayRecord, no TensorFlow) for grain, and
-`parse_tfds_record` decodes and validates one, like `sources.parse_record`, inside the grain
-workers.
+fixed hashed order; ids are those of the JSON), with the raw image, video and audio file
+bytes, not pixels or samples, so that conversion decodes nothing; `TfdsRecords` then serves
+the examples at random through `tfds.core.DatasetBuilder.as_data_source` (ArrayRecord, no
+TensorFlow) for grain, and `parse_tfds_record` decodes and validates one, like
+`sources.parse_record`, inside the grain workers.
 
-A record that is already broken at conversion time (an unreadable `image` field, a missing
-image file, a `read_records` placeholder, a bad conversation, a tag mismatch) is still
+A record that is already broken at conversion time (an unreadable media field, a missing
+media file, a `read_records` placeholder, a bad conversation, a tag mismatch) is still
 written, with `error` = "reason: detail", so that skipping and counting happen once, at
-training time, by the pipeline's one skip path. Corrupt image bytes surface at decode.
+training time, by the pipeline's one skip path. Corrupt media bytes surface at decode.
 
 Everything here must import and run without TensorFlow. Image bytes are a sequence of
 `Tensor(shape=(), dtype=object)`, not of `Image`: that feature calls TF when fed arrays and
@@ -29,12 +29,23 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mm_jax.data import sources
-from mm_jax.data.errors import BAD_JSON, MISSING_IMAGE, REASONS, TAG_MISMATCH, BadRecord
+from mm_jax.data.errors import (
+  BAD_JSON,
+  MISSING_AUDIO,
+  MISSING_IMAGE,
+  MISSING_VIDEO,
+  REASONS,
+  BadRecord,
+)
 from mm_jax.data.media import decode_image
-from mm_jax.data.text import IMAGE_TAG
 
 # Bump when the features or their meaning change: tfds reuses any directory of this version.
-BUILDER_VERSION = "1.0.0"
+# 1.1.0: videos and audios (issue 7).
+BUILDER_VERSION = "1.1.0"
+# modality -> (bytes field, paths field, reason when a file is missing)
+_FIELDS = {"image": ("images", "image_paths", MISSING_IMAGE),
+           "video": ("videos", "video_paths", MISSING_VIDEO),
+           "audio": ("audios", "audio_paths", MISSING_AUDIO)}
 SPLIT = "train"
 # Long enough that two different inputs never share a directory in practice.
 _FINGERPRINT_CHARS = 16
@@ -43,11 +54,13 @@ _FINGERPRINT_CHARS = 16
 def features() -> tfds.features.FeaturesDict:
   """The example layout; every field encodes and decodes without TensorFlow."""
   text = tfds.features.Text()
+  blobs = {f: tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
+           for f, _, _ in _FIELDS.values()}
+  paths = {f: tfds.features.Sequence(text) for _, f, _ in _FIELDS.values()}
   return tfds.features.FeaturesDict({
     "id": text,
     "conversations": text,  # json.dumps of the record's `conversations`, as it was
-    "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-    "image_paths": tfds.features.Sequence(text),
+    **blobs, **paths,  # file bytes and the paths as the record gave them, per modality
     "error": text,  # "" or "reason: detail"
   })
 
@@ -118,47 +131,47 @@ def _builder_class(json_path: str, image_dir: str, builder_name: str, config: st
 def to_example(record: dict, index: int, image_dir: str) -> dict:
   """One JSON record -> one tfds example; a broken record keeps its reason in `error`."""
   rid = sources.record_id(record, index)
-  example = {"id": rid, "images": [], "image_paths": _paths_as_given(record, rid), "error": "",
+  given = _paths_as_given(record, rid)
+  example = {"id": rid, "error": "",
              "conversations": json.dumps(record.get("conversations"), ensure_ascii=False)}
+  for m, (blobs, paths, _) in _FIELDS.items():
+    example.update({blobs: [], paths: given[m]})
   try:
-    paths = _checked_paths(record, rid)
-    example["images"] = [_read(os.path.join(image_dir, p), rid) for p in paths]
+    checked = _checked_paths(record, rid)
+    files = {m: [_read(os.path.join(image_dir, p), _FIELDS[m][2], rid) for p in checked[m]]
+             for m in _FIELDS}
   except BadRecord as e:
-    example.update(images=[], error=f"{e.reason}: {e.detail}")
+    example["error"] = f"{e.reason}: {e.detail}"
+  else:
+    example.update({_FIELDS[m][0]: files[m] for m in _FIELDS})
   return example
 
 
-def _paths_as_given(record: dict, rid: str) -> list[str]:
-  """The `image` paths even of a record that fails other checks (for messages), else []."""
+def _paths_as_given(record: dict, rid: str) -> dict[str, list[str]]:
+  """The media paths even of a record that fails other checks (for messages), else []."""
   try:
-    return sources._image_paths(record.get("image"), rid)
+    return sources.media_paths(record, rid)
   except BadRecord:
-    return []
+    return {m: [] for m in _FIELDS}
 
 
-def _checked_paths(record: dict, rid: str) -> list[str]:
-  """The record's image paths after parse_record's checks (in its order), bar decoding."""
+def _checked_paths(record: dict, rid: str) -> dict[str, list[str]]:
+  """The record's media paths after parse_record's checks (in its order), bar decoding."""
   if sources.ERROR_KEY in record:
     raise sources._stored_error(record[sources.ERROR_KEY], rid)
   conversation = sources._conversation(record.get("conversations"), rid)
-  paths = sources._image_paths(record.get("image"), rid)
-  _check_tags(conversation, len(paths), rid)
+  paths = sources.media_paths(record, rid)
+  sources.check_tags(conversation, paths, rid)
   return paths
 
 
-def _read(path: str, rid: str) -> bytes:
-  """The file's bytes, or BadRecord(missing_image) worded like media.decode_image's."""
+def _read(path: str, reason: str, rid: str) -> bytes:
+  """The file's bytes, or BadRecord(missing_*) worded like media.decode_image's."""
   try:
     with open(path, "rb") as f:
       return f.read()
   except OSError as e:
-    raise BadRecord(MISSING_IMAGE, rid, f"{path}: {e.strerror}") from e
-
-
-def _check_tags(conversation: list[tuple[str, str]], n_images: int, rid: str) -> None:
-  tags = sum(text.count(IMAGE_TAG) for _, text in conversation)
-  if tags != n_images:
-    raise BadRecord(TAG_MISMATCH, rid, f"{tags} {IMAGE_TAG} tags for {n_images} images")
+    raise BadRecord(reason, rid, f"{path}: {e.strerror}") from e
 
 
 # ----------------------------------------------------------------------------- reading
@@ -168,7 +181,8 @@ class TfdsRecords:
   """grain RandomAccessDataSource over one split of a directory that `build` returned.
 
   `records[i]` is a dict with str `id`, `conversations` (JSON text) and `error`, list[str]
-  `image_paths` and list[bytes] `images`; `parse_tfds_record` turns it into a Sample.
+  `image_paths` / `video_paths` / `audio_paths` and list[bytes] `images` / `videos` /
+  `audios`; `parse_tfds_record` turns it into a Sample.
   Pickles as its path (grain sends sources to worker processes), reopening on arrival.
   """
 
@@ -202,10 +216,12 @@ class TfdsRecords:
 
 def _plain(example: dict) -> dict:
   """tfds' decoded example (Text comes back as bytes) -> str fields and plain lists."""
-  return {"id": _text(example["id"]), "conversations": _text(example["conversations"]),
-          "error": _text(example["error"]),
-          "image_paths": [_text(p) for p in example["image_paths"]],
-          "images": [bytes(b) for b in example["images"]]}
+  out = {"id": _text(example["id"]), "conversations": _text(example["conversations"]),
+         "error": _text(example["error"])}
+  for blobs, paths, _ in _FIELDS.values():
+    out[paths] = [_text(p) for p in example[paths]]
+    out[blobs] = [bytes(b) for b in example[blobs]]
+  return out
 
 
 def _text(value: Any) -> str:
@@ -216,17 +232,22 @@ def parse_tfds_record(record: dict) -> sources.Sample:
   """Validates one TfdsRecords record (or a raw tfds example) and decodes its images.
 
   Raises BadRecord: the stored conversion-time error with its reason; bad_conversation and
-  tag_mismatch as `sources.parse_record`; corrupt_image naming the original path.
+  tag_mismatch as `sources.parse_record`; corrupt_image naming the original path. Videos
+  and audio come back as MediaFile(path, bytes), decoded later like parse_record's.
   """
   rid = _text(record["id"])
   error = _text(record.get("error", ""))
   if error:
     raise _stored(error, rid)
   conversation = sources._conversation(json.loads(_text(record["conversations"])), rid)
-  paths = [_text(p) for p in record["image_paths"]]
-  _check_tags(conversation, len(paths), rid)
-  images = [_decode(data, path, rid) for data, path in zip(record["images"], paths, strict=True)]
-  return sources.Sample(rid, images, conversation)
+  paths = {m: [_text(p) for p in record.get(f, ())] for m, (_, f, _) in _FIELDS.items()}
+  from_video = sources.check_tags(conversation, paths, rid)
+  blobs = {m: [bytes(b) for b in record.get(f, ())] for m, (f, _, _) in _FIELDS.items()}
+  images = [_decode(data, path, rid)
+            for data, path in zip(blobs["image"], paths["image"], strict=True)]
+  files = {m: tuple(sources.MediaFile(p, d) for d, p in zip(blobs[m], paths[m], strict=True))
+           for m in ("video", "audio")}
+  return sources.Sample(rid, images, conversation, files["video"], files["audio"], from_video)
 
 
 def _stored(error: str, rid: str) -> BadRecord:

@@ -22,12 +22,14 @@ class PromptError(ValueError):
 
 
 def tokenizer_for(cfg: Config):
-  """The run's tokenizer: the synthetic word list, or data.tokenizer with the `<image>` tag."""
+  """The run's tokenizer: the synthetic word list, or data.tokenizer with its media tags."""
   if cfg.data.source == "synthetic":
     return pipeline.synthetic_tokenizer()
+  if cfg.data.source == "synthetic_av":
+    return pipeline.av_tokenizer()
   from mm_jax.data import llava
 
-  return llava.tokenizer_for(cfg.data, cfg.model.image_token_id)
+  return llava.tokenizer_for(cfg.data, cfg.model)
 
 
 def _with_tags(text: str, n_images: int) -> str:

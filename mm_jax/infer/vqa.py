@@ -14,6 +14,8 @@ import numpy as np
 
 from mm_jax.infer.generate import Generator, left_pad
 
+MEDIA_KEYS = ("images", "image_valid", "video", "video_valid", "audio", "audio_valid",
+              "audio_frames")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -45,10 +47,11 @@ def score_batch(gen: Generator, batch: dict[str, np.ndarray], decode) -> tuple[i
   if not prompts:
     return 0, 0
   keep = batch["loss_mask"].any(axis=1)
-  per_row = batch["images"].shape[0] // batch["tokens"].shape[0]
-  rows = np.repeat(keep, per_row)
-  inputs = {**left_pad(prompts, gen.settings.pad_id), "images": batch["images"][rows],
-            "image_valid": batch["image_valid"][rows]}
+  inputs = left_pad(prompts, gen.settings.pad_id)
+  for key in MEDIA_KEYS:  # [B*M, ...] media of the rows kept, M slots per row
+    if key in batch:
+      per_row = batch[key].shape[0] // batch["tokens"].shape[0]
+      inputs[key] = batch[key][np.repeat(keep, per_row)]
   stops = set(gen.settings.stop_ids)
   correct = 0
   for got, want in zip(gen(inputs), answers, strict=True):

@@ -14,7 +14,7 @@ with trained positions would silently change the numerics.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -82,15 +82,20 @@ def audio_rules(cfg: AudioConfig) -> list[hm.Rule]:
   return rules + hm._norm("layer_norm", ("final_ln",), d, bias=True)
 
 
+def encoder_prefix(keys: Iterable[str]) -> str:
+  """The key prefix of the encoder's tensors: `model.encoder.`, `encoder.` or "" (bare)."""
+  keys = list(keys)
+  return next((p for p in _PREFIXES if any(k.startswith(p) for k in keys)), "")
+
+
 def encoder_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
   """The encoder's tensors under WhisperEncoder keys (prefix stripped, decoder dropped)."""
-  for prefix in _PREFIXES:
-    if any(k.startswith(prefix) for k in sd):
-      return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-  return dict(sd)
+  prefix = encoder_prefix(sd)
+  return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _check_positions(table: Any, cfg: AudioConfig) -> None:
+def check_positions(table: Any, cfg: AudioConfig) -> None:
+  """ValueError unless `table` (HF `embed_positions.weight`) is the tower's sinusoids."""
   table = np.asarray(table, np.float32)
   ours = sinusoids(cfg.max_source_positions, cfg.width)
   if table.shape != ours.shape:
@@ -106,7 +111,7 @@ def audio_to_mm(sd: Mapping[str, Any], cfg: AudioConfig, prefix: hm.Path = ()) -
   sd = encoder_state_dict(sd)
   if "embed_positions.weight" not in sd:
     raise ValueError("embed_positions.weight: missing from the Whisper state dict")
-  _check_positions(sd.pop("embed_positions.weight"), cfg)
+  check_positions(sd.pop("embed_positions.weight"), cfg)
   return hm.hf_to_mm(sd, audio_rules(cfg), prefix)
 
 

@@ -2,7 +2,9 @@
 
 `config.init` names local folders (safetensors only): a vision tower (CLIPVisionModel /
 SiglipVisionModel, or the vision half of a CLIPModel / SiglipModel), a decoder
-(LlamaForCausalLM; Mistral without sliding window) or a whole LlavaForConditionalGeneration.
+(LlamaForCausalLM; Mistral without sliding window), a whole LlavaForConditionalGeneration,
+and an audio tower (the encoder of a WhisperModel / WhisperForConditionalGeneration, or a
+bare WhisperEncoder).
 The preset stays the source of truth for shapes: the folder's config.json is read with the
 `hf_mapping` readers and every field that changes shapes or numerics must agree, else a
 ConfigError names the preset key, both values and the HF key.
@@ -19,7 +21,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from mm_jax.config import ConfigError, InitConfig, ModelConfig, VisionConfig
+from mm_jax.interop import audio_mapping as am
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop.safetensors_io import SafetensorsFolder
 
@@ -52,6 +55,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "llava": dict(image_token_index=32000, projector_hidden_act="gelu",
                   vision_feature_select_strategy="default", vision_feature_layer=-2,
                   multimodal_projector_bias=True, tie_word_embeddings=False),
+    "whisper": dict(num_mel_bins=80, d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                    encoder_ffn_dim=1536, max_source_positions=1500, activation_function="gelu"),
 }
 # LlavaConfig's vision tower when config.json has no vision_config: CLIP ViT-L/14-336.
 _LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
@@ -96,6 +101,11 @@ DECODER_KEYS = dict(vocab_size="vocab_size", width="hidden_size", depth="num_hid
                      tie_embeddings="tie_word_embeddings")
 LLAVA_VISION_KEYS = dict(feature_layer="vision_feature_layer",
                           feature_select="vision_feature_select_strategy")
+# pool and projector are ours (Whisper has neither): they come from the preset.
+AUDIO_KEYS = dict(n_mels="num_mel_bins", width="d_model", depth="encoder_layers",
+                  heads="encoder_attention_heads", mlp_dim="encoder_ffn_dim",
+                  max_source_positions="max_source_positions",
+                  layer_norm_eps="no key: WhisperEncoder's nn.LayerNorm default")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -144,7 +154,9 @@ class Source:
   """One folder and the rules (mm paths from the model root) its tensors feed.
 
   family: normalize_keys layout; only: key prefix to read (a CLIPModel's `vision_model.`);
-  tied: a stored `lm_head.weight` is the embedding table again and is skipped.
+  tied: a stored `lm_head.weight` is the embedding table again and is skipped;
+  verify: (normalised key, check) for tensors that are read and checked but not loaded
+  (Whisper's fixed `embed_positions.weight`); check raises ValueError.
   """
 
   folder: str
@@ -152,6 +164,7 @@ class Source:
   rules: tuple[hm.Rule, ...]
   only: str = ""
   tied: bool = False
+  verify: tuple[tuple[str, Callable[[np.ndarray], None]], ...] = ()
 
 
 def _rooted(rules: Sequence[hm.Rule], prefix: hm.Path) -> tuple[hm.Rule, ...]:
@@ -204,6 +217,25 @@ def decoder_source(folder: str, cfg: ModelConfig) -> Source:
                 tied=cfg.decoder.tie_embeddings)
 
 
+def audio_source(folder: str, cfg: ModelConfig) -> Source:
+  """The encoder of a Whisper folder -> towers/audio; its decoder (if any) is not read."""
+  if "audio" not in cfg.modalities:
+    raise ConfigError(f"config.init.audio_from_hf: needs 'audio' in config.model.modalities "
+                      f"(got {cfg.modalities})")
+  path = os.path.join(folder, "config.json")
+  raw = read_config(folder)
+  _expect_type(raw, ("whisper",), "audio_from_hf", path)
+  a = cfg.audio
+  theirs = _hf_config(folder, "audio_from_hf", am.audio_config_from_hf, raw, pool=a.pool,
+                      projector=a.projector)
+  compare(a, theirs, AUDIO_KEYS, "config.model.audio", path)
+  only = am.encoder_prefix(SafetensorsFolder(folder).keys())
+  # Our tower computes the sinusoidal table: a stored one must be that table (not trained).
+  positions = lambda x: am.check_positions(x, a)
+  return Source(folder, "whisper", _rooted(am.audio_rules(a), ("towers", "audio")), only=only,
+                verify=(("embed_positions.weight", positions),))
+
+
 def _expect_type(raw: Mapping[str, Any], kinds: tuple[str, ...], init_key: str,
                  path: str) -> None:
   if raw.get("model_type") not in kinds:
@@ -226,6 +258,8 @@ def sources(init: InitConfig, cfg: ModelConfig) -> list[Source]:
     out.append(vision_source(init.vision_from_hf, cfg))
   if init.decoder_from_hf:
     out.append(decoder_source(init.decoder_from_hf, cfg))
+  if init.audio_from_hf:
+    out.append(audio_source(init.audio_from_hf, cfg))
   return out
 
 
@@ -241,7 +275,7 @@ def _names(src: Source, st: SafetensorsFolder) -> dict[str, str]:
   """Normalised (5.x) key -> the key stored in the folder; refuses any unused tensor."""
   stored = [k for k in st.keys() if k.startswith(src.only)]
   names = hm.normalize_keys({k: k for k in stored}, src.family)
-  wanted = {r.hf for r in src.rules}
+  wanted = {r.hf for r in src.rules} | {key for key, _ in src.verify}
   for key, name in names.items():
     skip = hm.ignored(key) or (src.tied and key == "lm_head.weight")
     if key not in wanted and not skip:
@@ -254,6 +288,13 @@ def tensors(src: Source) -> Iterator[tuple[hm.Path, hm.Rule, np.ndarray]]:
   """(mm path, rule, float[mm_shape] in the source dtype), one tensor at a time."""
   st = SafetensorsFolder(src.folder)
   names = _names(src, st)
+  for key, check in src.verify:  # before any tensor is handed out
+    if key not in names:
+      raise ValueError(f"{src.folder}: tensor {key!r} is missing from its safetensors files")
+    try:
+      check(st.get(names[key]))
+    except ValueError as e:
+      raise ValueError(f"{names[key]} in {st.file_of(names[key])}: {e}") from None
   for rule in src.rules:
     name = names.get(rule.hf)
     if name is None:

@@ -283,6 +283,8 @@ _RENAMES = {
               (r"^(language_model\.)?lm_head\.", "lm_head."),
               (r"^(model\.language_model|language_model\.model|language_model)\.",
                "model.language_model.")),
+    # Whisper: the encoder of a WhisperForConditionalGeneration / WhisperModel -> bare keys.
+    "whisper": ((r"^(model\.)?encoder\.", ""),),
 }
 # Tensors with no mm_jax counterpart: SigLIP's pooling head, buffers of older versions.
 _IGNORED = re.compile(r"(^|vision_tower\.)head\.|rotary_emb\.inv_freq$|position_ids$")
@@ -294,7 +296,8 @@ def ignored(key: str) -> bool:
 
 
 def normalize_keys(sd: Mapping[str, Any], family: str) -> dict[str, Any]:
-  """Renames `sd`'s keys to the transformers 5.x layout of `family` (vision|llama|llava)."""
+  """Renames `sd`'s keys to the transformers 5.x layout of `family` (vision|llama|llava|
+  whisper)."""
   out: dict[str, Any] = {}
   for key, value in sd.items():
     new = next((re.sub(pat, rep, key) for pat, rep in _RENAMES[family] if re.match(pat, key)),

@@ -1,10 +1,11 @@
 """MultimodalModel: per-modality tower + projector, one merge, one decoder.
 
-A modality is (tower, projector, placeholder token id, batch keys). Its items are encoded
-to float[M_m, P_m, D] and flattened; all modalities' rows are concatenated and merged in
+A modality (image, video, audio) is a tower, a projector, a placeholder token id and batch
+keys. Its items are encoded to projected rows float[R_m, D] with a validity mask bool[R_m]
+(invalid items; audio padding frames); all modalities' rows are concatenated and merged in
 one `merge_tokens` call by DESIGN.md's rule: the k-th placeholder of modality m in a
-row-major walk over `tokens` takes the k-th row of modality m's *valid* items. The
-decoder never knows which rows came from media.
+row-major walk over `tokens` takes the k-th valid row of modality m. The decoder never
+knows which rows came from media, so any mix of modalities (or none) shares one path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from mm_jax import sharding
 from mm_jax.config import ModelConfig
 from mm_jax.kernels.merge import merge_tokens
 from mm_jax.models import attention
+from mm_jax.models.audio import AudioTower
+from mm_jax.models.audio_projector import AudioProjector
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.projector import Projector
 from mm_jax.models.vit import VisionTower
@@ -27,52 +30,96 @@ from mm_jax.models.vit import VisionTower
 
 @dataclasses.dataclass(frozen=True)
 class Modality:
-  name: str  # key in `towers` / `projectors`, e.g. "image"
+  name: str  # "image" | "video" | "audio"
   token_id: int  # placeholder id in `tokens`
   items_key: str  # batch key of the items, e.g. "images"
   valid_key: str  # batch key of bool[M_m], e.g. "image_valid"
-  tokens_per_item: int  # P_m: placeholders per item
 
 
-def media_index(tokens: jax.Array, token_id: int, valid: jax.Array, tokens_per_item: int,
-                base: int) -> jax.Array:
+MODALITY_KEYS = {"image": ("images", "image_valid"), "video": ("video", "video_valid"),
+                 "audio": ("audio", "audio_valid")}
+
+
+def media_index(tokens: jax.Array, token_id: int, row_valid: jax.Array, base: int
+                ) -> jax.Array:
   """int32[B, T]: row of the merged media table for each placeholder, -1 elsewhere.
 
-  E.g. P=2, valid=[T, F, T] and one row `a <i> <i> b <i> <i>`: the first two
-  placeholders take item slot 0 (rows base+0, base+1), the next two skip the invalid
-  slot 1 and take slot 2 (rows base+4, base+5).
+  The k-th placeholder (row-major walk over `tokens`) takes the k-th *valid* row of this
+  modality's rows, numbered from `base`. E.g. 2 rows per item, items valid [T, F, T]
+  (row_valid [T, T, F, F, T, T]) and one row `a <i> <i> b <i> <i>`: the first two
+  placeholders take rows base+0, base+1, the next two skip the invalid item and take
+  base+4, base+5. Audio clips of different lengths mark their padding rows invalid.
   """
   is_ph = tokens == token_id
   k = jnp.cumsum(is_ph.reshape(-1).astype(jnp.int32)).reshape(tokens.shape) - 1
-  item, within = k // tokens_per_item, k % tokens_per_item
-  n = valid.shape[0]
-  valid_slots = jnp.nonzero(valid, size=n, fill_value=n - 1)[0].astype(jnp.int32)
-  slot = valid_slots[jnp.clip(item, 0, n - 1)]
-  return jnp.where(is_ph, base + slot * tokens_per_item + within, -1).astype(jnp.int32)
+  n = row_valid.shape[0]
+  valid_rows = jnp.nonzero(row_valid, size=n, fill_value=n - 1)[0].astype(jnp.int32)
+  return jnp.where(is_ph, base + valid_rows[jnp.clip(k, 0, n - 1)], -1).astype(jnp.int32)
+
+
+def pool_grid(x: jax.Array, stride: int) -> jax.Array:
+  """Average pooling of a square patch grid: float[N, g*g, D] -> float[N, (g/s)^2, D]."""
+  if stride == 1:
+    return x
+  n, p, d = x.shape
+  g = int(round(p ** 0.5))
+  grid = x.reshape(n, g // stride, stride, g // stride, stride, d).astype(jnp.float32)
+  return grid.mean(axis=(2, 4)).reshape(n, -1, d).astype(x.dtype)
 
 
 class MultimodalModel(nnx.Module):
-  """batch (DESIGN.md keys) -> logits float32[B, T, V]."""
+  """batch (DESIGN.md keys) -> logits float32[B, T, V].
+
+  Towers: `image` (also the video frames' tower when video.tower=shared), `video`
+  (separate), `audio`. Projectors likewise, per modality unless video.projector=shared.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    impl = cfg.attention
-    self.towers = nnx.Dict({"image": VisionTower(cfg.vision, attention_impl=impl,
-                                                 remat=cfg.remat, **kw)})
-    self.projectors = nnx.Dict({"image": Projector(cfg.projector, cfg.vision.width,
-                                                   cfg.decoder.width, **kw)})
+    impl, d = cfg.attention, cfg.decoder.width
+    mods = cfg.modalities
+    self.video_tower = "image" if cfg.video.tower == "shared" else "video"
+    self.video_projector = "image" if cfg.video.projector == "shared" else "video"
+    towers, projectors = {}, {}
+    vit = lambda: VisionTower(cfg.vision, attention_impl=impl, remat=cfg.remat, **kw)
+    vision_projector = lambda: Projector(cfg.projector, cfg.vision.width, d, **kw)
+    if "image" in mods or ("video" in mods and self.video_tower == "image"):
+      towers["image"] = vit()
+    if "image" in mods or ("video" in mods and self.video_projector == "image"):
+      projectors["image"] = vision_projector()
+    if "video" in mods and self.video_tower == "video":
+      towers["video"] = vit()
+    if "video" in mods and self.video_projector == "video":
+      projectors["video"] = vision_projector()
+    if "audio" in mods:
+      towers["audio"] = AudioTower(cfg.audio, attention_impl=impl, remat=cfg.remat, **kw)
+      projectors["audio"] = AudioProjector(cfg.audio, d, **kw)
+    self.towers, self.projectors = nnx.Dict(towers), nnx.Dict(projectors)
     self.decoder = Decoder(cfg.decoder, attention_impl=impl, remat=cfg.remat, **kw)
-    self.modalities = (Modality("image", cfg.image_token_id, "images", "image_valid",
-                                cfg.vision.tokens_per_image),)
+    self.modalities = tuple(Modality(m, cfg.token_id(m), *MODALITY_KEYS[m]) for m in mods)
+    self.video_pool = cfg.video.pool
     self.merge_impl = cfg.merge
 
-  def embed_media(self, modality: Modality, items: jax.Array) -> jax.Array:
-    """items -> float[M_m * P_m, D] projected rows, item-major."""
+  def embed_media(self, modality: Modality, batch: dict[str, jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+    """A modality's items -> (float[R, D] projected rows in item order, bool[R] valid)."""
+    items, valid = batch[modality.items_key], batch[modality.valid_key]
     with jax.named_scope(f"{modality.name}_tower"):
-      features = self.towers[modality.name](items)
-    rows = self.projectors[modality.name](features)
-    return rows.reshape(-1, rows.shape[-1])
+      if modality.name == "image":
+        rows = self.projectors["image"](self.towers["image"](items))  # [M, P, D]
+      elif modality.name == "video":  # [Mv, F, S, S, 3]: frames through the ViT
+        frames = items.reshape((-1,) + items.shape[2:])
+        features = pool_grid(self.towers[self.video_tower](frames), self.video_pool)
+        rows = self.projectors[self.video_projector](features)
+        rows = rows.reshape(items.shape[0], -1, rows.shape[-1])  # [Mv, F * P', D]
+      else:  # audio: [Ma, L, n_mels] and each clip's frame count
+        frames = jnp.arange(items.shape[1])[None, :] < batch["audio_frames"][:, None]
+        x, out_valid = self.towers["audio"](items, frames & valid[:, None])
+        rows = self.projectors["audio"](x)
+        return rows.reshape(-1, rows.shape[-1]), out_valid.reshape(-1)
+    row_valid = jnp.repeat(valid, rows.shape[1])
+    return rows.reshape(-1, rows.shape[-1]), row_valid
 
   def embed(self, batch: dict[str, jax.Array]) -> jax.Array:
     """The merged input stream float[B, T, D]."""
@@ -81,25 +128,23 @@ class MultimodalModel(nnx.Module):
     present = [m for m in self.modalities if m.items_key in batch]
     if not present:
       return text
-    rows = [self.embed_media(m, batch[m.items_key]) for m in present]
-    valids = [batch[m.valid_key] for m in present]
-    return self._merge(present, tokens, text, rows, valids)
+    media = [self.embed_media(m, batch) for m in present]
+    return self._merge(present, tokens, text, [r for r, _ in media], [v for _, v in media])
 
   def _merge(self, present, tokens, text, rows, valids):
     """One merge_tokens call over every modality's rows.
 
     Under a multi-device mesh the Pallas kernel runs per shard (XLA cannot partition a
-    Pallas call): each shard holds whole rows with their own media slots, so numbering
+    Pallas call): each shard holds whole rows with their own media items, so numbering
     placeholders within the shard picks the same rows as the batch-wide walk.
     """
     def local(tokens, text, *media):
       index, base = jnp.full(tokens.shape, -1, jnp.int32), 0
       for m, r, valid in zip(present, media[:len(present)], media[len(present):], strict=True):
-        index = jnp.maximum(index, media_index(tokens, m.token_id, valid, m.tokens_per_item,
-                                               base))
+        index = jnp.maximum(index, media_index(tokens, m.token_id, valid, base))
         base += r.shape[0]
-      return merge_tokens(text, jnp.concatenate(media[:len(present)], 0), index,
-                          impl=self.merge_impl)
+      table = jnp.concatenate([r.astype(text.dtype) for r in media[:len(present)]], 0)
+      return merge_tokens(text, table, index, impl=self.merge_impl)
 
     mesh = jax.sharding.get_abstract_mesh()
     if self.merge_impl != "pallas" or mesh.empty or mesh.size == 1:

@@ -8,6 +8,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mm_jax import config as config_lib
 from mm_jax import sharding
@@ -25,7 +26,7 @@ def batch_shardings(mesh, spec: pipeline.RowSpec, batch: int) -> dict:
 
 
 def row_spec(cfg: Config) -> pipeline.RowSpec:
-  return pipeline.RowSpec.create(cfg.data, cfg.model.vision, cfg.model.image_token_id)
+  return pipeline.RowSpec.create(cfg.data, cfg.model)
 
 
 def write_config(cfg: Config, workdir: str) -> None:
@@ -125,7 +126,7 @@ def _eval_fn(built, batch_sh_items):
 
 
 def has_eval_data(cfg: Config) -> bool:
-  return cfg.data.source == "synthetic" or bool(cfg.data.eval_json)
+  return cfg.data.source in ("synthetic", "synthetic_av") or bool(cfg.data.eval_json)
 
 
 def evaluate_state(cfg: Config, built, state, mesh) -> dict:
@@ -135,11 +136,21 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
   fn = _eval_fn(built, tuple(sorted(batch_sh.items())))
   data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size)
   sums: dict[str, float] = {}
+  names = pipeline.kind_names(cfg.data)
+  per_kind = np.zeros((len(names), 2), np.int64)  # [kind, (exact, answers)]
   for i, local in enumerate(data):
     if cfg.train.eval_batches and i >= cfg.train.eval_batches:
       break
-    out = jax.device_get(fn(state, pipeline.global_batch(local, batch_sh)))
+    kinds = local.pop("kind")[:, 0]
+    out = fn(state, pipeline.global_batch(drop_modality(cfg, local), batch_sh))
+    rows = {k: multihost_utils.process_allgather(out.pop(k), tiled=True)
+            for k in ("row_exact", "row_answer")}
+    out = jax.device_get(out)
     sums = {k: sums.get(k, 0) + float(v) for k, v in out.items()}
+    kinds = multihost_utils.process_allgather(kinds, tiled=True)
+    for k in range(len(names)):
+      per_kind[k] += [(rows["row_exact"] & (kinds == k)).sum(),
+                      (rows["row_answer"] & (kinds == k)).sum()]
   if not sums:
     raise ValueError(f"config.data.num_eval={cfg.data.num_eval}: fewer held-out samples than "
                      f"one batch of config.train.batch_size={cfg.train.batch_size}")
@@ -147,9 +158,20 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
   result = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
             "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
             "eval/samples": int(sums["answers"])}
+  result.update({f"eval/accuracy/{name}": float(hits / n)
+                 for name, (hits, n) in zip(names, per_kind, strict=True) if n})
   if cfg.eval.generate:
     result.update(generated_accuracy(cfg, built, state, spec))
   return result
+
+
+def drop_modality(cfg: Config, local: dict) -> dict:
+  """The batch with `config.eval.drop_modality`'s input zeroed (an ablation): placeholders
+  and validity stay, so the model sees the same sequence with that input blank."""
+  key = {"image": "images", "video": "video", "audio": "audio"}.get(cfg.eval.drop_modality)
+  if key is None or key not in local:
+    return local
+  return {**local, key: np.zeros_like(local[key])}
 
 
 def generated_accuracy(cfg: Config, built, state, spec) -> dict:
@@ -170,7 +192,7 @@ def generated_accuracy(cfg: Config, built, state, spec) -> dict:
   for i, local in enumerate(data):
     if cfg.train.eval_batches and i >= cfg.train.eval_batches:
       break
-    c, n = vqa.score_batch(gen, local, tok.decode)
+    c, n = vqa.score_batch(gen, drop_modality(cfg, local), tok.decode)
     correct, total = correct + c, total + n
   return {"eval/vqa_accuracy": correct / max(total, 1)}
 
@@ -190,8 +212,11 @@ def evaluate(cfg: Config, workdir: str) -> dict:
   finally:
     ckpt.close()
   if jax.process_index() == 0:
+    accuracy = {k.removeprefix("eval/accuracy/"): v for k, v in result.items()
+                if k.startswith("eval/accuracy/")}
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-      json.dump({"step": step, **result}, f, indent=2)
+      json.dump({"step": step, "accuracy": accuracy, "drop_modality": cfg.eval.drop_modality,
+                 **result}, f, indent=2)
     writer = metrics_lib.MetricsWriter(workdir)
     writer.write(step, result)
     writer.close()

@@ -95,5 +95,7 @@ def eval_step(fns: StepFns, state: TrainState, batch: dict) -> dict:
   m = batch["loss_mask"]
   hit = (logits.argmax(-1) == batch["targets"]) | ~m
   has_answer = m.any(-1)
+  exact = hit.all(-1) & has_answer
   return {"loss_sum": jnp.where(m, ce, 0.0).sum(), "loss_tokens": m.sum(),
-          "exact": (hit.all(-1) & has_answer).sum(), "answers": has_answer.sum()}
+          "exact": exact.sum(), "answers": has_answer.sum(),
+          "row_exact": exact, "row_answer": has_answer}  # bool[B]: per-kind accuracy

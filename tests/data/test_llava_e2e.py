@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mm_jax.data import export, synthetic, templates, text
+from mm_jax.data import export, synthetic, templates, text, tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,7 +56,8 @@ def test_main_trains_and_evaluates_on_a_llava_folder(folder, tmp_path, source):
   assert any(x.get("eval/samples") == 32 for x in records)
   assert "skipped record broken-1 (missing_image)" in r.stderr
   if source == "tfds":  # converted once to ArrayRecord, read without TensorFlow
-    assert list((tmp_path / "tfds").glob("llava_records/*/1.0.0/*.array_record*"))
+    version = tfds_source.BUILDER_VERSION
+    assert list((tmp_path / "tfds").glob(f"llava_records/*/{version}/*.array_record*"))
 
 
 def test_wrong_placeholder_id_is_a_clear_error(folder, tmp_path):

@@ -10,7 +10,7 @@ from mm_jax.data.text import IMAGE_TAG
 
 def _spec(**overrides):
   cfg = tiny_config(**overrides)
-  return cfg, pipeline.RowSpec.create(cfg.data, cfg.model.vision, cfg.model.image_token_id)
+  return cfg, pipeline.RowSpec.create(cfg.data, cfg.model)
 
 
 def test_batch_contract():
@@ -86,11 +86,12 @@ def test_bad_samples_name_the_record():
   image = np.zeros((32, 32, 3), np.uint8)
   enc = render(tok, [IMAGE_TAG, IMAGE_TAG], ["red"], image_token_id=spec.image_token_id,
                tokens_per_image=spec.tokens_per_image)
-  with pytest.raises(BadRecord, match="rec-1: tag_mismatch: 2 <image> tags but 1 images"):
+  with pytest.raises(BadRecord, match="rec-1: tag_mismatch: 128 image placeholder tokens but "
+                     "its 1 item"):
     pipeline.to_example("rec-1", enc, [image], spec)
   enc = render(tok, [IMAGE_TAG] * 3, ["red"], image_token_id=spec.image_token_id,
                tokens_per_image=spec.tokens_per_image)
-  with pytest.raises(BadRecord, match="rec-2: too_long: its first image alone"):
+  with pytest.raises(BadRecord, match="rec-2: too_long: its first media item alone"):
     pipeline.to_example("rec-2", enc, [image] * 3, dataclasses.replace(spec, seq_len=40))
 
 
@@ -121,19 +122,19 @@ def test_truncation_keeps_whole_images_or_drops_the_sample():
   img = spec.image_token_id
   ids = np.array([1] + [img] * 64 + [5, 6, 2], np.int32)
   enc = Encoded(ids, np.array([False] * 66 + [True, True]))
-  with pytest.raises(BadRecord, match="too_long: its first image alone"):
-    pipeline.truncate(enc, 1, spec, "r1")
+  with pytest.raises(BadRecord, match="too_long: its first media item alone"):
+    pipeline.truncate(enc, {"image": [(1, 65)]}, spec, "r1")
   _, spec = _spec(**{"data.seq_len": 80})
   text = Encoded(np.array([1] + [7] * 100 + [2], np.int32), np.array([False] + [True] * 101))
-  cut, kept = pipeline.truncate(text, 0, spec, "r2")
-  assert len(cut.tokens) == 81 and kept == 0  # text-only: cut to T + 1 ids
+  cut, kept = pipeline.truncate(text, {"image": []}, spec, "r2")
+  assert len(cut.tokens) == 81 and kept == {"image": 0}  # text-only: cut to T + 1 ids
   two = np.array([1] + [img] * 64 + [7] * 10 + [img] * 64 + [2], np.int32)
   enc = Encoded(two, np.array([False] * 75 + [True] * 65))
   with pytest.raises(BadRecord, match="no answer token"):  # cut before the 2nd image
-    pipeline.truncate(enc, 2, spec, "r3")
+    pipeline.truncate(enc, {"image": [(1, 65), (75, 139)]}, spec, "r3")
   answer_early = Encoded(two, np.array([False] * 66 + [True] * 9 + [False] * 65))
-  cut, kept = pipeline.truncate(answer_early, 2, spec, "r4")
-  assert kept == 1 and len(cut.tokens) == 75  # the second image's run is dropped whole
+  cut, kept = pipeline.truncate(answer_early, {"image": [(1, 65), (75, 139)]}, spec, "r4")
+  assert kept == {"image": 1} and len(cut.tokens) == 75  # the 2nd image's run dropped whole
 
 
 def _with_bad_samples(monkeypatch, every: int):

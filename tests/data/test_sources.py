@@ -36,7 +36,8 @@ def test_bad_record_message_reasons_and_pickling():
   assert (back.reason, back.record_id, back.detail, str(back)) == (
     e.reason, e.record_id, e.detail, str(e))
   assert REASONS == {"missing_image", "corrupt_image", "tag_mismatch", "bad_conversation",
-                     "bad_json", "too_long", "too_many_images", "not_utf8"}
+                     "bad_json", "too_long", "too_many_images", "not_utf8", "missing_audio",
+                     "corrupt_audio", "missing_video", "corrupt_video", "too_many_media"}
   with pytest.raises(ValueError, match="unknown BadRecord reason"):
     BadRecord("oops", "1", "x")
 

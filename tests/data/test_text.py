@@ -256,6 +256,18 @@ def test_word_tokenizer_follows_the_protocol():
   _check(enc, tok, [([1, img, img], False), ([5, 6, 2], True)])
 
 
+def test_expansion_lists_give_one_count_per_occurrence():
+  tok = text.WordTokenizer(("a", "red", "cat"), tags=(IMAGE_TAG, text.AUDIO_TAG))
+  img, aud = tok.tag_id(IMAGE_TAG), tok.tag_id(text.AUDIO_TAG)
+  conv = [("human", "<audio> a <image> <audio>"), ("gpt", "red cat")]
+  enc = templates.render_conversation(tok, conv, "plain", expand={img: 1, aud: [3, 1]})
+  _check(enc, tok, [([1, aud, aud, aud, img, aud], False), ([5, 6, 2], True)])
+  for counts, match in (([3], "lists 1 counts but the text has more"),
+                        ([3, 1, 2], "lists 3 counts for 2 tags"), ([3, 0], "must be at least 1")):
+    with pytest.raises(ValueError, match=match):
+      templates.render_conversation(tok, conv, "plain", expand={img: 1, aud: counts})
+
+
 @pytest.mark.parametrize("conv, template, match", [
     ([], "plain", "empty conversation"),
     ([("gpt", "a cat"), ("human", "what?")], "vicuna_v1", "start with a human"),

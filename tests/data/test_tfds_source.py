@@ -60,7 +60,8 @@ def _by_id(records: TfdsRecords) -> dict[str, dict]:
 def test_every_record_is_stored_once_with_its_fields(built):
   _, _, path, records = built
   assert len(records) == len(RECORDS)
-  assert path.endswith(os.path.join("llava_records", path.split(os.sep)[-2], "1.0.0"))
+  assert path.endswith(os.path.join("llava_records", path.split(os.sep)[-2],
+                                   tfds_source.BUILDER_VERSION))
   got = _by_id(records)
   assert set(got) == {str(sources.record_id(r, i)) for i, r in enumerate(RECORDS)}
   assert "index4" in got  # the id the llava_json source gives the same record
@@ -176,7 +177,8 @@ def test_pickles_for_grain_workers(built):
 def test_tfds_data_source_by_name_gives_raw_examples_that_parse(built):
   _, _, path, _ = built
   name_dir, config = os.path.split(os.path.dirname(path))  # data_dir/name/config/version
-  raw = tfds.data_source(f"llava_records/{config}:1.0.0", split="train", download=False,
+  version = tfds_source.BUILDER_VERSION
+  raw = tfds.data_source(f"llava_records/{config}:{version}", split="train", download=False,
                          data_dir=os.path.dirname(name_dir))
   example = raw[_index_of(raw, "caption")]
   assert isinstance(example["id"], bytes)  # tfds hands Text back as bytes
@@ -189,7 +191,8 @@ def _index_of(records, rid: str) -> int:
 
 def test_features_are_the_documented_ones():
   assert set(tfds_source.features().keys()) == {"id", "conversations", "images",
-                                                "image_paths", "error"}
+                                                "image_paths", "videos", "video_paths",
+                                                "audios", "audio_paths", "error"}
 
 
 def test_tensorflow_never_imported():

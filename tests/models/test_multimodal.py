@@ -12,14 +12,14 @@ from mm_jax.models.multimodal import MultimodalModel, media_index, resolve_backe
 def test_media_index_worked_example():
   # P=2, slots [valid, invalid, valid]; one row: a <i> <i> b <i> <i>.
   tokens = jnp.array([[5, 9, 9, 6, 9, 9]])
-  idx = media_index(tokens, 9, jnp.array([True, False, True]), 2, base=10)
+  idx = media_index(tokens, 9, jnp.repeat(jnp.array([True, False, True]), 2), base=10)
   np.testing.assert_array_equal(idx, [[-1, 10, 11, -1, 14, 15]])
 
 
 def test_media_index_walks_rows_in_order():
   # Row 0 has no image; row 1 has two; the walk is row-major over the whole batch.
   tokens = jnp.array([[1, 2, 3, 4], [9, 7, 9, 7]])
-  idx = media_index(tokens, 9, jnp.array([True, True, False, False]), 1, base=0)
+  idx = media_index(tokens, 9, jnp.array([True, True, False, False]), base=0)
   np.testing.assert_array_equal(idx, [[-1, -1, -1, -1], [0, -1, 1, -1]])
 
 
@@ -40,7 +40,7 @@ def test_merge_places_each_image_at_its_tags():
   batch = {"tokens": jnp.array(tokens), "images": images,
            "image_valid": jnp.array([True, True, False, False])}
   merged = model.embed(batch)
-  rows = model.embed_media(model.modalities[0], images).reshape(4, p, -1)
+  rows = model.embed_media(model.modalities[0], batch)[0].reshape(4, p, -1)
   np.testing.assert_allclose(merged[0, 1:1 + p], rows[0], rtol=1e-6)
   np.testing.assert_allclose(merged[0, p + 5:2 * p + 5], rows[1], rtol=1e-6)
   text = model.decoder.embed(jnp.array(tokens))
@@ -69,7 +69,7 @@ def test_pallas_backends_match_xla():
   from mm_jax.data import pipeline
 
   cfg = tiny_config(**{"data.images_per_sample": 2})
-  spec = pipeline.RowSpec.create(cfg.data, cfg.model.vision, cfg.model.image_token_id)
+  spec = pipeline.RowSpec.create(cfg.data, cfg.model)
   batch = jax.tree.map(jnp.asarray, next(pipeline.train_iterator(cfg.data, spec,
                                                                  global_batch=2, seed=0)))
   results = []

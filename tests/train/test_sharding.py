@@ -1,7 +1,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import mimo_config, tiny_config
 from drivers import losses_on_mesh
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -63,3 +63,15 @@ def test_mesh_errors():
   cfg = tiny_config(**{"mesh.data": 3, "mesh.fsdp": -1})
   with pytest.raises(ValueError, match="config.mesh"):
     sharding.make_mesh(cfg.mesh, jax.devices()[:8])
+
+
+def test_mimo_model_trains_the_same_sharded():
+  """Video + audio towers and projectors follow the rules table too (issue 7)."""
+  small = {**SMALL, "data.num_train": 16}
+  one, _, _, _ = losses_on_mesh(mimo_config(**small, **{"mesh.data": 1}), jax.devices()[:1], 2)
+  cfg = mimo_config(**small, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  losses, state, _, _ = losses_on_mesh(cfg, jax.devices()[:8], 2)
+  np.testing.assert_allclose(losses, one, rtol=1e-5)
+  flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state.params)}
+  assert flat["towers/audio/blocks/0/fc1/kernel"].sharding.spec == P("fsdp", "tensor")
+  assert "fsdp" in tuple(flat["projectors/video/fc1/kernel"].sharding.spec)

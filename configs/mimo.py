@@ -1,0 +1,67 @@
+r"""MIMO presets: video frames and audio with text, one decoder (issue 7).
+
+  python main.py --config=configs/mimo.py:tiny --workdir=/tmp/mimo
+  python main.py --config=configs/mimo.py:tiny --workdir=/tmp/mimo --mode=eval \
+      --config.eval.drop_modality=audio
+  python main.py --config=configs/mimo.py:7b,stage=finetune --dry_run
+
+The arg is `<preset>[,stage=<full|pretrain|finetune>]`, as in configs/llava.py: pretrain
+trains the projectors only, finetune the projectors and the decoder, full everything.
+Presets: tiny (the embedded audio-video task, CPU, minutes) and 7b (Vicuna-7B decoder,
+CLIP ViT-L/14-336 for images and video frames, 8 frames pooled 2x2, a Whisper-base-shaped
+audio tower; `data.audio_seq_len` log-mel frames per clip, 3000 = 30 s).
+"""
+
+import ml_collections
+
+from configs import llava
+
+_PRESETS = {
+    "tiny": dict(
+        base="tiny",
+        model=dict(
+            decoder=dict(vocab_size=48, width=128, depth=2, heads=4, kv_heads=2, mlp_dim=256),
+            video=dict(num_frames=4, pool=2, tower="shared", projector="separate"),
+            audio=dict(kind="whisper", n_mels=80, width=64, depth=2, heads=4, mlp_dim=128,
+                       max_source_positions=100, layer_norm_eps=1e-5, pool=2,
+                       projector="mlp"),
+            modalities=("video", "audio"),
+            image_token_id=50, video_token_id=48, audio_token_id=49),
+        # 1 + 64 video + 25 audio placeholders + question and answer: one sample per row.
+        data=dict(source="synthetic_av", seq_len=112, audio_seq_len=100, clip_seconds=1.0,
+                  num_train=20000, num_eval=512),
+        train=dict(steps=1000, batch_size=32, log_every=50),
+    ),
+    "7b": dict(
+        base="7b",
+        model=dict(
+            video=dict(num_frames=8, pool=2, tower="shared", projector="separate"),
+            # Whisper-base encoder shape; Qwen2-Audio-style 2x pooling: 25 tokens per second.
+            audio=dict(kind="whisper", n_mels=80, width=512, depth=6, heads=8, mlp_dim=2048,
+                       max_source_positions=1500, layer_norm_eps=1e-5, pool=2,
+                       projector="mlp"),
+            modalities=("image", "video", "audio"),
+            image_token_id=32000, video_token_id=32001, audio_token_id=32002),
+        data=dict(seq_len=4096, audio_seq_len=3000),
+    ),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  preset_name, *rest = (arg or "tiny").split(",")
+  if preset_name not in _PRESETS:
+    raise ValueError(f"configs/mimo.py: unknown preset {preset_name!r}; known {sorted(_PRESETS)}")
+  preset = _PRESETS[preset_name]
+  c = llava.get_config(",".join([preset["base"], *rest]))
+  with c.unlocked():
+    c.name = f"mimo-{preset_name}"
+    for key, value in preset["model"].items():
+      if isinstance(value, dict) and key in c.model:
+        c.model[key].update(value)
+      else:
+        c.model[key] = value
+    c.data.update(preset["data"])
+    c.train.update(preset.get("train", {}))
+    # Stages freeze towers by module: towers/image (images and frames), towers/audio.
+  c.lock()
+  return c

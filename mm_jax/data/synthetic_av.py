@@ -1,0 +1,222 @@
+"""An embedded, deterministic audio-video data set that a tiny model can learn, and whose
+"binding" and "xor" questions can only be answered by fusing both modalities.
+
+Time is cut into T = num_frames equal slots: frame f shows slot f, and samples
+[f * N // T, (f + 1) * N // T) of the clip are its sound. Visuals are bold squares (side
+0.3 S) in one of four colours on a dark noisy background that either move steadily (up,
+down, left or right, nearly edge to edge over the F frames) or flash (visible in one slot
+only). Sounds are pure tones, low 300 Hz or high 1500 Hz (about 30 mel bins apart in an
+80-bin log-mel), each filling the middle 80% of a slot, or one linear chirp between 300 and
+1500 Hz over the whole clip; faint white noise everywhere.
+
+Kinds (drawn uniformly) and their questions (template drawn uniformly):
+  video    a moving shape; distractor sound (random tones, or a chirp).
+           "what colour is the moving shape ?" -> colour
+           "which way does the shape move ?" -> up | down | left | right
+  audio    one to three beeps of one pitch; distractor moving shape.
+           "is the tone high or low ?" -> high | low;  "how many beeps ?" -> one | two | three
+  binding  two shapes of different colours flash in two different slots; a high tone sounds
+           in one of those slots and a low tone in the other, which one uniformly.
+           "which colour flashed during the high|low tone ?" -> colour. From video alone it
+           is a coin flip between the two colours; from audio alone the colour is unknown.
+  xor      a shape moves up or down and the chirp rises or falls, independently and
+           uniformly. "do the shape and the sound go the same way ?" -> yes (up with rising,
+           down with falling) | no: exactly 50% from either modality alone.
+
+Held out of "train" (and drawn as often as any other combination in "eval"): moving shapes
+whose (colour, direction) is in HELD_OUT_MOVES, and flashing colour pairs in HELD_OUT_PAIRS.
+Train never shows them in any role, distractors included, so eval accuracy on the samples
+where `held_out(ex["latent"])` holds measures composition of seen colours and motions. Both
+sets are chosen so that train keeps every colour and direction equally often (the moves are
+one per colour and per direction; the pairs are a perfect matching of the four colours).
+
+Each sample carries its latent factors under "latent" (see `draw_scene`) so that tests and
+analyses can check these properties. Sample i of a split is a pure function of
+(seed, split, i): no files, no downloads, identical on every host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mm_jax.data.synthetic import COLOURS as RGB
+from mm_jax.data.synthetic import COUNTS, SPLITS
+from mm_jax.data.text import AUDIO_TAG, VIDEO_TAG
+
+KINDS = ("video", "audio", "binding", "xor")
+COLOURS = ("red", "green", "blue", "yellow")  # the four most distinct of synthetic.COLOURS
+DIRECTIONS = ("up", "down", "left", "right")
+PITCHES = {"low": 300.0, "high": 1500.0}  # Hz
+CHIRPS = ("rising", "falling")
+HELD_OUT_MOVES = frozenset({("red", "up"), ("green", "down"), ("blue", "left"),
+                            ("yellow", "right")})
+HELD_OUT_PAIRS = frozenset({frozenset({"red", "blue"}), frozenset({"green", "yellow"})})
+QUESTIONS = {
+    "colour": "what colour is the moving shape ?".split(),
+    "direction": "which way does the shape move ?".split(),
+    "pitch": "is the tone high or low ?".split(),
+    "count": "how many beeps ?".split(),
+    "binding": "which colour flashed during the {} tone ?".split(),  # {}: high | low
+    "xor": "do the shape and the sound go the same way ?".split(),
+}
+WORDS = tuple(sorted({w for q in QUESTIONS.values() for w in q if w != "{}"}
+                     | set(COLOURS) | set(DIRECTIONS) | set(PITCHES) | set(COUNTS[:3])
+                     | {"yes", "no"}))
+AMPLITUDE, NOISE = 0.5, 0.005  # tones ~40 dB above the noise floor: clean, never silent
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+  options = tuple(options)
+  return options[int(rng.integers(len(options)))]
+
+
+def held_out(latent: dict) -> bool:
+  """Whether a sample shows a combination that split "train" never contains."""
+  pair = frozenset(c for c, _ in latent["flashes"])
+  return latent["moving"] in HELD_OUT_MOVES or pair in HELD_OUT_PAIRS
+
+
+def _move(rng, split: str, directions=DIRECTIONS) -> tuple[str, str]:
+  """(colour, direction) of a moving shape. Train redraws held-out ones: since those are one
+  per colour and per direction, colours and directions stay uniform."""
+  while True:
+    move = (_pick(rng, COLOURS), _pick(rng, directions))
+    if split != "train" or move not in HELD_OUT_MOVES:
+      return move
+
+
+def _pair(rng, split: str) -> list[str]:
+  """Two different colours in random order; train redraws held-out pairs."""
+  while True:
+    pair = [str(c) for c in rng.choice(COLOURS, 2, replace=False)]
+    if split != "train" or frozenset(pair) not in HELD_OUT_PAIRS:
+      return pair
+
+
+def _beeps(rng, num_slots: int, pitch: str | None = None) -> tuple:
+  """One to three tones in distinct slots, all of `pitch` (None: each pitch at random)."""
+  count = int(rng.integers(1, min(3, num_slots) + 1))
+  slots = sorted(int(s) for s in rng.choice(num_slots, count, replace=False))
+  return tuple((pitch or _pick(rng, PITCHES), s) for s in slots)
+
+
+def _video(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+  latent["moving"] = _move(rng, split)
+  if rng.integers(2):  # the sound is a distractor here
+    latent["chirp"] = _pick(rng, CHIRPS)
+  else:
+    latent["tones"] = _beeps(rng, num_slots)
+  template = _pick(rng, ("colour", "direction"))
+  return QUESTIONS[template], [latent["moving"][template == "direction"]]
+
+
+def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+  latent["moving"] = _move(rng, split)  # a distractor
+  latent["tones"] = _beeps(rng, num_slots, _pick(rng, PITCHES))
+  if rng.integers(2):
+    return QUESTIONS["pitch"], [latent["tones"][0][0]]
+  return QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]
+
+
+def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+  # Colours, slots and the high/low assignment are independent draws: given the frames,
+  # either colour is the high one with probability 1/2.
+  colours, slots = _pair(rng, split), [int(s) for s in rng.choice(num_slots, 2, replace=False)]
+  pitches = [str(p) for p in rng.permutation(list(PITCHES))]
+  latent["flashes"] = tuple(zip(colours, slots, strict=True))
+  latent["tones"] = tuple(zip(pitches, slots, strict=True))
+  asked = _pick(rng, PITCHES)
+  return [asked if w == "{}" else w for w in QUESTIONS["binding"]], [
+      colours[pitches.index(asked)]]
+
+
+def _xor(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+  latent["moving"] = _move(rng, split, ("up", "down"))
+  latent["chirp"] = _pick(rng, CHIRPS)
+  same = (latent["moving"][1] == "up") == (latent["chirp"] == "rising")
+  return QUESTIONS["xor"], ["yes" if same else "no"]
+
+
+def draw_scene(kind: str, rng, split: str, num_slots: int) -> tuple[dict, list, list]:
+  """(latent, question words, answer words) of one `kind` sample. latent:
+  "moving": (colour, direction) | None; "flashes": ((colour, slot), ...);
+  "tones": ((pitch, slot), ...); "chirp": "rising" | "falling" | None."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+  latent = {"moving": None, "flashes": (), "tones": (), "chirp": None}
+  make = {"video": _video, "audio": _audio, "binding": _binding, "xor": _xor}[kind]
+  question, answer = make(latent, rng, split, num_slots)
+  return latent, list(question), answer
+
+
+def draw_frames(latent: dict, rng, num_frames: int, size: int) -> np.ndarray:
+  """uint8[F, S, S, 3]: the scene's shapes, frame f showing slot f."""
+  frames = rng.integers(0, 30, (num_frames, size, size, 3)).astype(np.uint8)
+  side = max(2, round(0.3 * size))
+  if latent["moving"] is not None:
+    colour, direction = latent["moving"]
+    margin = 0.1 * size
+    track = np.linspace(rng.uniform(0, margin), size - side - rng.uniform(0, margin), num_frames)
+    if direction in ("up", "left"):  # row 0 is the top of the image
+      track = track[::-1]
+    across = rng.uniform(0, size - side)
+    for f, along in enumerate(track):
+      y, x = (along, across) if direction in ("up", "down") else (across, along)
+      _square(frames[f], y, x, side, colour)
+  for colour, slot in latent["flashes"]:
+    _square(frames[slot], *rng.uniform(0, size - side, 2), side, colour)
+  return frames
+
+
+def _square(image: np.ndarray, y: float, x: float, side: int, colour: str) -> None:
+  y, x = round(y), round(x)
+  image[y:y + side, x:x + side] = RGB[colour]
+
+
+def synth_audio(latent: dict, rng, num_samples: int, num_slots: int,
+                sample_rate: int) -> np.ndarray:
+  """float32[N]: the scene's tones and chirp over faint white noise."""
+  wave = rng.normal(0.0, NOISE, num_samples)
+  slot = num_samples // num_slots
+  t = np.arange(num_samples) / sample_rate
+  for pitch, s in latent["tones"]:
+    # The middle 80% of the slot: gaps between adjacent beeps keep them countable.
+    start, n = s * slot + slot // 10, slot - 2 * (slot // 10)
+    phase = 2 * np.pi * (PITCHES[pitch] * t[:n] + rng.uniform())
+    wave[start:start + n] += AMPLITUDE * _ramp(n, sample_rate) * np.sin(phase)
+  if latent["chirp"] is not None:
+    f0, f1 = PITCHES["low"], PITCHES["high"]
+    if latent["chirp"] == "falling":
+      f0, f1 = f1, f0
+    # Linear sweep: phase = 2 pi * integral of f0 + (f1 - f0) t / D.
+    duration = num_samples / sample_rate
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t * t / (2 * duration) + rng.uniform())
+    wave += AMPLITUDE * _ramp(num_samples, sample_rate) * np.sin(phase)
+  return wave.astype(np.float32)
+
+
+def _ramp(n: int, sample_rate: int) -> np.ndarray:
+  """float[n] envelope with 5 ms raised-cosine edges: hard edges are clicks, which smear
+  energy over every frequency and blur the pitch."""
+  k = min(n // 2, int(0.005 * sample_rate))
+  env = np.ones(n)
+  edge = 0.5 - 0.5 * np.cos(np.pi * np.arange(k) / k)
+  env[:k], env[n - k:] = edge, edge[::-1]
+  return env
+
+
+def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: int,
+            sample_rate: int = 16000, clip_seconds: float = 1.0) -> dict:
+  """Sample `index` of `split`: {"id", "frames": uint8[F, S, S, 3], "waveform": float32[N],
+  "prompt", "answer", "kind", "latent"}, N = clip_seconds * sample_rate."""
+  if num_frames < 2:
+    raise ValueError(f"num_frames={num_frames}: motion and binding need at least 2 slots")
+  rng = np.random.default_rng((seed, SPLITS[split], index))
+  kind = _pick(rng, KINDS)
+  latent, question, answer = draw_scene(kind, rng, split, num_frames)
+  frames = draw_frames(latent, rng, num_frames, frame_size)
+  waveform = synth_audio(latent, rng, int(round(clip_seconds * sample_rate)), num_frames,
+                         sample_rate)
+  return {"id": f"synthetic_av-{split}-{index}", "frames": frames, "waveform": waveform,
+          "prompt": [VIDEO_TAG, AUDIO_TAG] + question, "answer": answer, "kind": kind,
+          "latent": latent}

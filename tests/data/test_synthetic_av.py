@@ -1,0 +1,169 @@
+"""The embedded audio-video task in mm_jax.data.synthetic_av: determinism, shapes, the kind
+mix, held-out combinations, and the fusion properties of "binding" and "xor"."""
+
+import collections
+import functools
+
+import numpy as np
+import pytest
+
+from mm_jax.data import synthetic_av as av
+from mm_jax.data.synthetic import COLOURS as RGB
+from mm_jax.data.text import AUDIO_TAG, VIDEO_TAG, WordTokenizer
+
+SIZE, FRAMES, SR = 32, 4, 16000
+
+
+@functools.cache
+def _samples(split: str, n: int) -> tuple[dict, ...]:
+  return tuple(av.example(i, split=split, seed=0, frame_size=SIZE, num_frames=FRAMES)
+               for i in range(n))
+
+
+def _of_kind(kind: str, split: str = "train", n: int = 2000) -> list[dict]:
+  return [ex for ex in _samples(split, n) if ex["kind"] == kind]
+
+
+def _close(p: float, n: int, target: float = 0.5) -> bool:
+  """p is an estimate of `target` from n samples: within 4 standard errors."""
+  return abs(p - target) <= 4 * np.sqrt(target * (1 - target) / n)
+
+
+def test_deterministic_per_seed_split_index():
+  a = av.example(7, split="train", seed=3, frame_size=SIZE, num_frames=FRAMES)
+  b = av.example(7, split="train", seed=3, frame_size=SIZE, num_frames=FRAMES)
+  assert a["id"] == "synthetic_av-train-7"
+  np.testing.assert_array_equal(a["frames"], b["frames"])
+  np.testing.assert_array_equal(a["waveform"], b["waveform"])
+  assert (a["prompt"], a["answer"], a["kind"], a["latent"]) == (
+      b["prompt"], b["answer"], b["kind"], b["latent"])
+  others = [av.example(7, split="eval", seed=3, frame_size=SIZE, num_frames=FRAMES),
+            av.example(7, split="train", seed=4, frame_size=SIZE, num_frames=FRAMES),
+            av.example(8, split="train", seed=3, frame_size=SIZE, num_frames=FRAMES)]
+  assert all(not np.array_equal(a["waveform"], o["waveform"]) for o in others)
+
+
+@pytest.mark.parametrize("frames,size,seconds", [(4, 32, 1.0), (2, 16, 0.5), (8, 48, 2.0)])
+def test_shapes_dtypes_and_words(frames, size, seconds):
+  for i in range(12):
+    ex = av.example(i, split="train", seed=0, frame_size=size, num_frames=frames,
+                    clip_seconds=seconds)
+    assert ex["frames"].shape == (frames, size, size, 3) and ex["frames"].dtype == np.uint8
+    assert ex["waveform"].shape == (int(seconds * SR),) and ex["waveform"].dtype == np.float32
+    assert np.abs(ex["waveform"]).max() < 1.0
+    assert ex["prompt"][:2] == [VIDEO_TAG, AUDIO_TAG] and ex["kind"] in av.KINDS
+    assert set(ex["prompt"][2:] + ex["answer"]) <= set(av.WORDS)
+    assert 1 <= len(ex["answer"]) <= 2
+  assert list(av.WORDS) == sorted(set(av.WORDS))
+  tok = WordTokenizer(av.WORDS, tags=(VIDEO_TAG, AUDIO_TAG))
+  assert tok.unk_id not in tok.encode(" ".join(ex["prompt"] + ex["answer"]))
+  with pytest.raises(ValueError, match="num_frames"):
+    av.example(0, split="train", seed=0, frame_size=size, num_frames=1)
+
+
+def test_kind_mix_is_uniform():
+  counts = collections.Counter(ex["kind"] for ex in _samples("train", 400))
+  assert set(counts) == set(av.KINDS)
+  assert all(_close(counts[k] / 400, 400, 0.25) for k in av.KINDS), counts
+
+
+def test_held_out_only_in_eval():
+  train, held = _samples("train", 2000), [ex for ex in _samples("eval", 400)
+                                          if av.held_out(ex["latent"])]
+  assert not any(av.held_out(ex["latent"]) for ex in train)
+  assert not {ex["latent"]["moving"] for ex in train} & av.HELD_OUT_MOVES
+  # Every held-out combination shows up in eval, and train still has every colour/direction.
+  assert {ex["latent"]["moving"] for ex in held} >= av.HELD_OUT_MOVES
+  assert {frozenset(c for c, _ in ex["latent"]["flashes"]) for ex in held} >= av.HELD_OUT_PAIRS
+  assert {ex["latent"]["moving"][1] for ex in train if ex["latent"]["moving"]} == set(
+      av.DIRECTIONS)
+
+
+def test_xor_answer_independent_of_each_modality():
+  xor = _of_kind("xor")
+  for ex in xor:  # the exact 2x2 construction
+    same = (ex["latent"]["moving"][1] == "up") == (ex["latent"]["chirp"] == "rising")
+    assert ex["answer"] == ["yes" if same else "no"]
+    assert not ex["latent"]["tones"] and not ex["latent"]["flashes"]
+  factors = {"direction": lambda lt: lt["moving"][1], "colour": lambda lt: lt["moving"][0],
+             "chirp": lambda lt: lt["chirp"]}
+  for name, factor in factors.items():
+    groups = collections.defaultdict(list)
+    for ex in xor:
+      groups[factor(ex["latent"])].append(ex["answer"] == ["yes"])
+    for value, yes in groups.items():
+      assert _close(np.mean(yes), len(yes)), (name, value, np.mean(yes), len(yes))
+
+
+def test_binding_needs_both_modalities():
+  binding = _of_kind("binding")
+  earlier = []
+  for ex in binding:
+    (c1, s1), (c2, s2) = ex["latent"]["flashes"]
+    assert c1 != c2 and s1 != s2 and {s for _, s in ex["latent"]["tones"]} == {s1, s2}
+    for colour, slot in ex["latent"]["flashes"]:  # both colours are on screen
+      assert (ex["frames"][slot] == RGB[colour]).all(-1).sum() > 0
+    asked = ex["prompt"][-3]
+    slot = dict(ex["latent"]["tones"])[asked]
+    assert ex["answer"] == [dict((s, c) for c, s in ex["latent"]["flashes"])[slot]]
+    earlier.append(ex["answer"] == [c1 if s1 < s2 else c2])
+  # From video alone (which colour flashed first) the answer is a coin flip.
+  assert _close(np.mean(earlier), len(earlier))
+  # From audio alone (the slot asked about) every colour is possible.
+  by_slot = collections.defaultdict(set)
+  for ex in binding:
+    by_slot[dict(ex["latent"]["tones"])[ex["prompt"][-3]]].add(ex["answer"][0])
+  assert all(colours == set(av.COLOURS) for colours in by_slot.values())
+
+
+def _peak_hz(segment: np.ndarray) -> float:
+  spectrum = np.abs(np.fft.rfft(segment * np.hanning(len(segment))))
+  return float(np.fft.rfftfreq(len(segment), 1 / SR)[spectrum.argmax()])
+
+
+def test_tone_slots_peak_at_their_pitch_and_silence_elsewhere():
+  slot = SR // FRAMES
+  for ex in _of_kind("binding")[:20] + _of_kind("audio")[:20]:
+    wave = ex["waveform"]
+    toned = dict((s, p) for p, s in ex["latent"]["tones"])
+    for s in range(FRAMES):
+      segment = wave[s * slot:(s + 1) * slot]
+      if s in toned:
+        assert abs(_peak_hz(segment) - av.PITCHES[toned[s]]) < 10
+      else:
+        assert np.abs(segment).max() < 0.05
+
+
+def test_chirp_rises_or_falls():
+  quarter = SR // 4
+  for ex in _of_kind("xor")[:20]:
+    peaks = [_peak_hz(ex["waveform"][q * quarter:(q + 1) * quarter]) for q in range(4)]
+    expected = sorted(peaks, reverse=ex["latent"]["chirp"] == "falling")
+    assert peaks == expected and abs(peaks[0] - peaks[-1]) > 600, peaks
+
+
+def test_moving_shape_centroid_is_monotone():
+  for ex in _of_kind("video")[:30] + _of_kind("xor")[:30]:
+    colour, direction = ex["latent"]["moving"]
+    axis = 0 if direction in ("up", "down") else 1
+    centroids = []
+    for frame in ex["frames"]:
+      mask = (frame == RGB[colour]).all(-1)
+      assert mask.sum() >= 16  # big and bold: at least a 4x4 block
+      centroids.append(np.argwhere(mask)[:, axis].mean())
+    steps = np.diff(centroids) * (1 if direction in ("down", "right") else -1)
+    assert (steps > 1).all(), (direction, centroids)
+    across = [np.argwhere((f == RGB[colour]).all(-1))[:, 1 - axis].mean() for f in ex["frames"]]
+    assert np.ptp(across) < 1e-6  # moves along one axis only
+
+
+def test_video_and_audio_answers_match_latent():
+  for ex in _of_kind("video")[:50]:
+    colour, direction = ex["latent"]["moving"]
+    assert ex["answer"] == [colour if "colour" in ex["prompt"] else direction]
+  for ex in _of_kind("audio")[:50]:
+    pitches = {p for p, _ in ex["latent"]["tones"]}
+    assert len(pitches) == 1 and 1 <= len(ex["latent"]["tones"]) <= 3
+    want = pitches.pop() if "high" in ex["prompt"] else ("one", "two", "three")[
+        len(ex["latent"]["tones"]) - 1]
+    assert ex["answer"] == [want]
