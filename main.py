@@ -18,6 +18,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build abstractly, print parameter counts.")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=generate: the user's question.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=generate: image file(s), in order.")
+_VIDEO = flags.DEFINE_multi_string("video", [], "--mode=generate: video file(s), in order.")
+_AUDIO = flags.DEFINE_multi_string("audio", [], "--mode=generate: audio file(s), in order.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host GPU/TPU).")
 
@@ -34,7 +36,8 @@ def main(argv):
 
   try:
     run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value, prompt=_PROMPT.value,
-             images=tuple(_IMAGE.value))
+             images=tuple(_IMAGE.value), videos=tuple(_VIDEO.value),
+             audios=tuple(_AUDIO.value))
   except config.ConfigError as e:  # a bad value: name the key, no traceback
     raise app.UsageError(str(e)) from None
   except DataError as e:  # strict mode or too many bad records: the message says which

@@ -6,8 +6,9 @@ r"""LLaVA-style vision-language presets.
 
 The arg is `<preset>[,stage=<full|pretrain|finetune>]`. Presets: tiny (CPU, minutes),
 1b (CLIP ViT-L/14-336 + a 1.1B LLaMA: the benchmark shape), 7b (LLaVA-1.5-7B), 13b
-(LLaVA-1.5-13B). Stages follow LLaVA-1.5 (Liu et al. 2023, Table 9): pretrain trains the
-projector only at lr 1e-3; finetune also trains the decoder at lr 2e-5; full trains all.
+(LLaVA-1.5-13B), phi2 (CLIP ViT-B/16 + Phi-2 2.7B: a small-GPU LLaVA; issue 8). Stages
+follow LLaVA-1.5 (Liu et al. 2023, Table 9): pretrain trains the projector only at lr
+1e-3; finetune also trains the decoder at lr 2e-5; full trains all.
 """
 
 import ml_collections
@@ -15,6 +16,22 @@ import ml_collections
 # CLIP ViT-L/14 at 336 px, features from the second-to-last layer, patch tokens only.
 _CLIP_L_336 = dict(kind="clip", image_size=336, patch_size=14, width=1024, depth=24, heads=16,
                    mlp_dim=4096, feature_layer=-2, feature_select="patch")
+
+# CLIP ViT-B/16 at 224 px (openai/clip-vit-base-patch16): 196 patches per image.
+_CLIP_B_224 = dict(kind="clip", image_size=224, patch_size=16, width=768, depth=12, heads=12,
+                   mlp_dim=3072, feature_layer=-2, feature_select="patch")
+
+# microsoft/phi-2 (PhiForCausalLM): parallel attention + GELU MLP off one LayerNorm, RoPE on
+# 32 of 80 head dims, biases everywhere incl. lm_head (decoder_from_hf loads it as is).
+_PHI2 = dict(vocab_size=51200, width=2560, depth=32, heads=32, kv_heads=32, mlp_dim=10240,
+             rope_theta=10000.0, norm_eps=1e-5, family="phi", norm="layer", mlp="gelu",
+             parallel_block=True, rotary_fraction=0.4, attention_bias=True, mlp_bias=True,
+             lm_head_bias=True)
+
+# LLaMA defaults of the decoder fields every preset may override (config.model.decoder).
+_DECODER = dict(rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, head_dim=0,
+                family="llama", norm="rms", mlp="swiglu", parallel_block=False,
+                rotary_fraction=1.0, attention_bias=False, mlp_bias=False, lm_head_bias=False)
 
 _PRESETS = {
     "tiny": dict(
@@ -43,6 +60,16 @@ _PRESETS = {
         vision=_CLIP_L_336,
         decoder=dict(vocab_size=32000, width=5120, depth=40, heads=40, kv_heads=40,
                      mlp_dim=13824),
+    ),
+    "phi2": dict(
+        vision=_CLIP_B_224,
+        projector=dict(kind="residual_mlp", depth=2),
+        decoder=_PHI2,
+        # Phi-2's tokenizer has 50295 ids (GPT-2's 50257 + 38 added whitespace tokens); the
+        # table is padded to 51200. 50295 is the id `tokenizer.add_tokens("<image>")` gives,
+        # a row that exists but no text token uses: HF LLaVA embeds it without the export
+        # growing the table (video/audio take 50296/50297, also unused rows).
+        image_token_id=50295,
     ),
 }
 
@@ -78,8 +105,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.vision = dict(preset["vision"])
   c.model.projector = {"kind": "mlp2x_gelu", "depth": 2, **preset.get("projector", {})}
-  c.model.decoder = {"rope_theta": 10000.0, "norm_eps": 1e-5, "tie_embeddings": False,
-                     "head_dim": 0, **preset["decoder"]}
+  c.model.decoder = {**_DECODER, **preset["decoder"]}
   c.model.image_token_id = preset.get("image_token_id", 32000)
   # Video and audio stay off in LLaVA presets (configs/mimo.py turns them on).
   c.model.modalities = ("image",)
@@ -98,6 +124,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,
       pack=True, num_train=20000, num_eval=512, seed=0, worker_count=0 if not big else 16,
       videos_per_sample=1, audios_per_sample=1, audio_seq_len=3000, clip_seconds=1.0,
+      interleave_av=False,
       json="", eval_json="", image_dir="", tfds_dir="", tokenizer="",
       template="plain" if stage_name == "pretrain" else "vicuna_v1",
       image_aspect_ratio="pad", strict=False, max_skip_fraction=0.01))

@@ -28,9 +28,12 @@ _PRESETS = {
             modalities=("video", "audio"),
             image_token_id=50, video_token_id=48, audio_token_id=49),
         # 1 + 64 video + 25 audio placeholders + question and answer: one sample per row.
+        # Frames and sound interleaved by time slot: with all video before all audio the
+        # 2-layer decoder learned neither binding nor xor in 1000 steps (measured: 0.52 and
+        # 0.45, chance 0.5).
         data=dict(source="synthetic_av", seq_len=112, audio_seq_len=100, clip_seconds=1.0,
-                  num_train=20000, num_eval=512),
-        train=dict(steps=1000, batch_size=32, log_every=50),
+                  interleave_av=True, num_train=20000, num_eval=512),
+        train=dict(steps=1500, batch_size=32, log_every=50),
     ),
     "7b": dict(
         base="7b",

@@ -118,7 +118,16 @@ class AudioConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """A LLaMA-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+  """A causal decoder: LLaMA family (LLaMA/Vicuna/Mistral: RMSNorm, SwiGLU, grouped-query
+  attention, full RoPE) or Phi family (Phi-1/1.5/2: LayerNorm, GELU MLP, parallel block,
+  partial RoPE, biases). Defaults are LLaMA.
+
+  `family` names the Hugging Face layout (LlamaForCausalLM | PhiForCausalLM) and fixes what
+  that class computes; the fields below it must agree, so a config reads the same in both
+  directions. LLaMA may add q/k/v/o and MLP biases (LlamaConfig's attention_bias/mlp_bias);
+  PhiModel hard-codes all of its biases. lm_head_bias is free for Phi: PhiForCausalLM's
+  lm_head has one, LlavaForConditionalGeneration's (transformers 5.x) does not.
+  """
 
   vocab_size: int = 32000
   width: int = 4096
@@ -130,10 +139,25 @@ class DecoderConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
+  family: str = "llama"  # llama | phi
+  norm: str = "rms"  # rms | layer (LayerNorm with bias); the final norm too
+  mlp: str = "swiglu"  # swiglu: down(silu(gate) * up) | gelu: fc2(gelu_tanh(fc1)) (gelu_new)
+  # Phi: x + attn(ln(x)) + mlp(ln(x)), one shared input norm (no mlp_norm).
+  parallel_block: bool = False
+  # Leading share of each head's dims that RoPE rotates (Phi-2: 0.4, 32 of 80); the rest
+  # pass through. Rotated dims = int(head_size * rotary_fraction), as transformers rounds.
+  rotary_fraction: float = 1.0
+  attention_bias: bool = False  # q, k, v and output projections
+  mlp_bias: bool = False
+  lm_head_bias: bool = False
 
   @property
   def head_size(self) -> int:
     return self.head_dim or self.width // self.heads
+
+  @property
+  def rotary_dims(self) -> int:
+    return int(self.head_size * self.rotary_fraction)
 
   def validate(self, key: str) -> None:
     for name in ("vocab_size", "width", "depth", "heads", "kv_heads", "mlp_dim"):
@@ -143,6 +167,30 @@ class DecoderConfig:
     _check(self.head_dim > 0 or self.width % self.heads == 0, f"{key}.width",
            "not divisible by heads; set head_dim")
     _check(self.rope_theta > 0, f"{key}.rope_theta", "must be positive")
+    _check(self.norm_eps > 0, f"{key}.norm_eps", "must be positive")
+    _check(self.norm in ("rms", "layer"), f"{key}.norm", f"must be rms|layer, got {self.norm!r}")
+    _check(self.mlp in ("swiglu", "gelu"), f"{key}.mlp",
+           f"must be swiglu|gelu, got {self.mlp!r}")
+    _check(0 < self.rotary_fraction <= 1, f"{key}.rotary_fraction", "must be in (0, 1]")
+    # Rotate-half pairs dim i with i + r/2, so the rotated block needs an even size.
+    _check(self.rotary_dims >= 2 and self.rotary_dims % 2 == 0, f"{key}.rotary_fraction",
+           f"{self.rotary_fraction} x head size {self.head_size} gives {self.rotary_dims} "
+           "rotated dims; need an even number >= 2")
+    _check(self.family in FAMILIES, f"{key}.family",
+           f"must be one of {tuple(FAMILIES)}, got {self.family!r}")
+    for name, want in FAMILIES[self.family].items():
+      _check(getattr(self, name) == want, f"{key}.{name}",
+             f"family={self.family} needs {name}={want!r}, got {getattr(self, name)!r}")
+
+
+# What each decoder family's Hugging Face class computes, field by field; fields not named
+# (e.g. LLaMA's attention_bias / mlp_bias, tie_embeddings) are free within the family.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(norm="rms", mlp="swiglu", parallel_block=False, rotary_fraction=1.0,
+                  lm_head_bias=False),
+    "phi": dict(norm="layer", mlp="gelu", parallel_block=True, attention_bias=True,
+                mlp_bias=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +283,9 @@ class DataConfig:
   source: str = "synthetic"
   task: str = "qa"  # synthetic only: qa (stage 2 style) | caption (stage 1 style)
   clip_seconds: float = 1.0  # synthetic_av only: length of each generated clip
+  # synthetic_av only: interleave each video frame's placeholders with the audio tokens of
+  # the same time slot (pipeline.av_tags) instead of all video, then all audio.
+  interleave_av: bool = False
   seq_len: int = 64
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
   videos_per_sample: int = 1  # video slots per row (Mv), when the model reads video
@@ -359,10 +410,11 @@ class InitConfig:
   """Local Hugging Face folders (safetensors) to start a fresh run from; "" = random init.
 
   vision_from_hf: CLIPVisionModel / SiglipVisionModel (or a full CLIPModel / SiglipModel);
-  decoder_from_hf: LlamaForCausalLM; llava_from_hf: LlavaForConditionalGeneration (all of
-  the model but audio, so it excludes the first two); audio_from_hf: the encoder of a
-  WhisperModel / WhisperForConditionalGeneration (or a bare WhisperEncoder) for towers/audio,
-  needs "audio" in config.model.modalities. Shapes must match config.model.
+  decoder_from_hf: LlamaForCausalLM or PhiForCausalLM; llava_from_hf:
+  LlavaForConditionalGeneration (all of the model but audio, so it excludes the first two);
+  audio_from_hf: the encoder of a WhisperModel / WhisperForConditionalGeneration (or a bare
+  WhisperEncoder) for towers/audio, needs "audio" in config.model.modalities. Shapes must
+  match config.model.
   """
 
   vision_from_hf: str = ""

@@ -23,14 +23,15 @@ def dry_run(cfg: config_lib.Config) -> dict[str, int]:
 
 
 def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
-         prompt: str = "", images: tuple[str, ...] = ()) -> dict:
+         prompt: str = "", images: tuple[str, ...] = (), videos: tuple[str, ...] = (),
+         audios: tuple[str, ...] = ()) -> dict:
   cfg = config_lib.from_config_dict(cd)
   if dry:
     return dry_run(cfg)
   if mode == "generate":
     from mm_jax.infer import chat
 
-    return {"answer": chat.main(cfg, workdir, prompt, images)}
+    return {"answer": chat.main(cfg, workdir, prompt, images, videos, audios)}
   if not workdir:
     raise ValueError("--workdir is required unless --dry_run")
   from mm_jax.train import loop

@@ -7,7 +7,8 @@ from mm_jax import run
 
 
 @pytest.mark.parametrize("arg", ["tiny", "1b", "7b", "13b", "7b,stage=pretrain",
-                                 "13b,stage=finetune", "tiny,stage=pretrain"])
+                                 "13b,stage=finetune", "tiny,stage=pretrain",
+                                 "phi2", "phi2,stage=pretrain", "phi2,stage=finetune"])
 def test_presets_parse(arg):
   cfg = config_lib.from_config_dict(llava.get_config(arg))
   assert cfg.stage == (arg.split("stage=")[1] if "stage=" in arg else "full")
@@ -21,6 +22,15 @@ def test_7b_dry_run_counts(capsys):
   assert counts["towers/image"] == 303_507_456  # CLIP ViT-L/14-336 as in transformers
   out = capsys.readouterr().out
   assert "trainable (stage=pretrain)" in out and "7.063B" in out
+
+
+def test_phi2_dry_run_counts():
+  counts = run.main(llava.get_config("phi2,stage=finetune"), None, dry=True)
+  assert counts["decoder"] == 2_779_683_840  # microsoft/phi-2 (PhiForCausalLM)
+  assert counts["towers/image"] == 85_799_424  # CLIP ViT-B/16 vision model
+  # residual_mlp: 768*2560 + 2560 + 2 blocks * 2 * (2560*2560 + 2560).
+  assert counts["projectors/image"] == 28_193_280
+  assert counts["frozen"] == counts["towers/image"]
 
 
 def test_finetune_freezes_only_the_tower():

@@ -39,12 +39,40 @@ def export(out: str, n_train: int, n_eval: int, *, image_size: int = 32) -> dict
   return paths
 
 
+def export_av_clips(out: str, n: int, *, split: str = "eval", frame_size: int = 32,
+                    num_frames: int = 4) -> list[dict]:
+  """Writes n audio-video task samples as files a user can pass to --mode=generate:
+  `av_<split>_<i>.avi` (the frames, one per 1/num_frames s, MJPEG) and `.wav` (the clip),
+  and returns their question, answer and kind."""
+  import soundfile
+
+  from mm_jax.data import synthetic_av, video
+
+  os.makedirs(out, exist_ok=True)
+  rows = []
+  for i in range(n):
+    ex = synthetic_av.example(i, split=split, seed=0, frame_size=frame_size,
+                              num_frames=num_frames)
+    stem = os.path.join(out, f"av_{split}_{i}")
+    video.write_video(stem + ".avi", ex["frames"], fps=num_frames)
+    soundfile.write(stem + ".wav", ex["waveform"], 16000)
+    rows.append({"video": stem + ".avi", "audio": stem + ".wav", "kind": ex["kind"],
+                 "question": " ".join(w for w in ex["prompt"] if not w.startswith("<")),
+                 "answer": " ".join(ex["answer"])})
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--train", type=int, default=2000)
   parser.add_argument("--eval", type=int, default=200)
+  parser.add_argument("--av_clips", type=int, default=0,
+                      help="instead: write this many held-out audio-video clips (mimo tiny)")
   args = parser.parse_args()
+  if args.av_clips:
+    print(json.dumps(export_av_clips(args.out, args.av_clips), indent=1))
+    return
   paths = export(args.out, args.train, args.eval)
   tok = text.load_tokenizer(paths["tokenizer"])
   print(json.dumps({**paths, "image_token_id": tok.tag_id(text.IMAGE_TAG),

@@ -1,8 +1,14 @@
 """Samples -> examples -> packed rows -> batches, through grain, one shard per JAX process.
 
 Every batch is a dict of numpy arrays with DESIGN.md's keys and static shapes:
-tokens/targets/loss_mask/segment_ids/positions [B, T], images float32[B*Mi, S, S, 3],
-image_valid bool[B*Mi]. Stages:
+tokens/targets/loss_mask/segment_ids/positions [B, T]; per modality the model reads
+(config.model.modalities), items in order of appearance, Mi/Mv/Ma slots per row:
+  images float32[B*Mi, S, S, 3], image_valid bool[B*Mi]
+  video float32[B*Mv, F, S, S, 3], video_valid bool[B*Mv]
+  audio float32[B*Ma, L, n_mels] (log-mel, zero past each clip's end), audio_valid
+  bool[B*Ma], audio_frames int32[B*Ma] (valid log-mel frames of each clip)
+Eval batches also carry kind int32[B, 1] (the sample's question kind, -1 if none).
+Stages:
 
 1. source: a grain MapDataset of raw items (synthetic index, LLaVA JSON record), this
    process's share only (`ds[i::n]`).
@@ -221,13 +227,35 @@ def synthetic_av_examples(data: DataConfig, spec: RowSpec, *, split: str
                                   frame_size=spec.image_size, num_frames=spec.num_frames,
                                   clip_seconds=data.clip_seconds)
     mel = audio.log_mel(sample["waveform"], n_mels=spec.n_mels)[:spec.audio_seq_len]
-    tags = {VIDEO_TAG: (spec.video_token_id, spec.tokens_per_video),
-            AUDIO_TAG: (spec.audio_token_id, spec.audio_tokens(len(mel)))}
-    enc = render(tokenizer, sample["prompt"], sample["answer"], tags=tags)
+    words, tags = av_tags(sample["prompt"], spec, [spec.audio_tokens(len(mel))],
+                          interleave=data.interleave_av)
+    enc = render(tokenizer, words, sample["answer"], tags=tags)
     return to_example(sample["id"], enc, [], spec, videos=[sample["frames"]], audios=[mel],
                       kind=synthetic_av.KINDS.index(sample["kind"]))
 
   return grain.MapDataset.range(n), guarded(make, lambda i: f"synthetic_av-{split}-{i}")
+
+
+def av_tags(words: list[str], spec: RowSpec, audio_tokens: list[int], *, interleave: bool
+            ) -> tuple[list[str], dict[str, tuple[int, int | list[int]]]]:
+  """Prompt words and tag expansions for video and audio placeholders.
+
+  interleave: a `<video> <audio>` pair becomes F (frame, audio slot) pairs, frame f's
+  placeholders followed by the audio tokens of the same 1/F of the clip (as Qwen2.5-Omni
+  interleaves by time): what happens at one time sits close in the sequence. The merge
+  rule is unchanged (the k-th placeholder of a modality takes its k-th row), so only the
+  order of placeholders differs.
+  """
+  video = (spec.video_token_id, spec.tokens_per_video)
+  tags = {VIDEO_TAG: video, AUDIO_TAG: (spec.audio_token_id, list(audio_tokens))}
+  pair = [VIDEO_TAG, AUDIO_TAG]
+  if not interleave or len(audio_tokens) != 1 or words[:2] != pair:
+    return words, tags
+  f, n = spec.num_frames, audio_tokens[0]
+  cuts = [round(i * n / f) for i in range(f + 1)]
+  tags = {VIDEO_TAG: (video[0], video[1] // f),
+          AUDIO_TAG: (spec.audio_token_id, list(np.diff(cuts)))}
+  return pair * f + words[2:], tags
 
 
 def kind_names(data: DataConfig) -> tuple[str, ...]:

@@ -80,18 +80,23 @@ class Encoded:
 
 def render(tokenizer: WordTokenizer, prompt: list[str], answer: list[str], *,
            image_token_id: int = -1, tokens_per_image: int = 0,
-           tags: Mapping[str, tuple[int, int]] | None = None) -> Encoded:
+           tags: Mapping[str, tuple[int, int | Sequence[int]]] | None = None) -> Encoded:
   """`<bos> prompt answer <eos>` with each tag word expanded to its placeholders.
 
-  tags: tag word -> (placeholder id, count), e.g. {"<video>": (49, 64)}; by default only
+  tags: tag word -> (placeholder id, count or one count per occurrence), e.g.
+  {"<video>": (49, 64), "<audio>": (50, [25, 12])}; by default only
   `<image>` -> (image_token_id, tokens_per_image). The loss counts on the answer words and
   the final <eos> only (LLaVA masks the prompt).
   """
   tags = {IMAGE_TAG: (image_token_id, tokens_per_image)} if tags is None else tags
+  seen = dict.fromkeys(tags, 0)
   ids, mask = [tokenizer.bos_id], [False]
   for word in prompt:
     if word in tags:
       token_id, count = tags[word]
+      if not isinstance(count, int):  # one count per occurrence (audio clips differ)
+        count = count[seen[word]]
+      seen[word] += 1
       ids += [token_id] * count
       mask += [False] * count
     else:

@@ -11,6 +11,7 @@ import numpy as np
 
 from mm_jax import sharding
 from mm_jax.config import Config
+from mm_jax.data import pipeline
 from mm_jax.infer import generate, prompts
 from mm_jax.models.multimodal import MultimodalModel
 
@@ -31,29 +32,47 @@ def load_model(cfg: Config, workdir: str | None, mesh) -> tuple[MultimodalModel,
   return hf.load_model(cfg, mesh), cfg.init.llava_from_hf or "config.init"
 
 
-def answer(cfg: Config, model: MultimodalModel, text: str, image_paths: Sequence[str]) -> str:
-  """The model's reply to one prompt with its images, decoded to text."""
-  if len(image_paths) > cfg.data.images_per_sample:
-    raise prompts.PromptError(f"{len(image_paths)} images but config.data.images_per_sample "
-                              f"is {cfg.data.images_per_sample}")
+def answer(cfg: Config, model: MultimodalModel, text: str, images: Sequence[str] = (),
+           videos: Sequence[str] = (), audios: Sequence[str] = ()) -> str:
+  """The model's reply to one prompt with its media files, decoded to text."""
+  for m, paths, slots in (("image", images, cfg.data.images_per_sample),
+                          ("video", videos, cfg.data.videos_per_sample),
+                          ("audio", audios, cfg.data.audios_per_sample)):
+    if len(paths) > slots:
+      raise prompts.PromptError(f"{len(paths)} {m} files but config.data.{m}s_per_sample is "
+                                f"{slots}")
   tok = prompts.tokenizer_for(cfg)
-  ids = prompts.encode(cfg, tok, text, len(image_paths))
+  mods = cfg.model.modalities
+  batch = {}
+  if "image" in mods:
+    batch["images"] = prompts.load_images(cfg, images)
+    batch["image_valid"] = np.arange(len(batch["images"])) < len(images)
+  if "video" in mods:
+    batch["video"] = prompts.load_videos(cfg, videos)
+    batch["video_valid"] = np.arange(len(batch["video"])) < len(videos)
+  audio_tokens = []
+  if "audio" in mods:
+    batch["audio"], batch["audio_frames"] = prompts.load_audio(cfg, audios)
+    batch["audio_valid"] = np.arange(len(batch["audio"])) < len(audios)
+    spec = pipeline.RowSpec.create(cfg.data, cfg.model)
+    audio_tokens = [spec.audio_tokens(int(n)) for n in batch["audio_frames"][:len(audios)]]
+  ids = prompts.encode(cfg, tok, text, len(images), n_videos=len(videos),
+                       audio_tokens=audio_tokens)
   stops = prompts.stop_ids(cfg, tok)
   g = cfg.generate
   settings = generate.Decoding(g.max_new_tokens, g.temperature, g.top_k, g.top_p, stops,
                                int(tok.pad_id))
-  pixels = prompts.load_images(cfg, image_paths)
-  batch = {**generate.left_pad([ids], settings.pad_id), "images": pixels,
-           "image_valid": np.arange(len(pixels)) < len(image_paths)}
+  batch.update(generate.left_pad([ids], settings.pad_id))
   out = generate.Generator(model, settings)(batch, seed=g.seed)[0]
   return tok.decode([i for i in out if i not in stops])
 
 
-def main(cfg: Config, workdir: str | None, text: str, image_paths: Sequence[str]) -> str:
+def main(cfg: Config, workdir: str | None, text: str, images: Sequence[str] = (),
+         videos: Sequence[str] = (), audios: Sequence[str] = ()) -> str:
   mesh = sharding.make_mesh(cfg.mesh)
   model, origin = load_model(cfg, workdir, mesh)
   with jax.set_mesh(mesh):
-    reply = answer(cfg, model, text, image_paths)
+    reply = answer(cfg, model, text, images, videos, audios)
   if jax.process_index() == 0:
     print(f"[{origin}] {text!r} -> {reply}", flush=True)
   return reply

@@ -1,4 +1,5 @@
-"""A trained MultimodalModel -> a Hugging Face LlavaForConditionalGeneration folder.
+"""A trained MultimodalModel -> a Hugging Face LlavaForConditionalGeneration folder (LLaMA or
+Phi text_config, after config.model.decoder.family).
 
 Writes config.json, generation_config.json, safetensors shards (+ index), the tokenizer
 (tokenizer.json / tokenizer.model / tokenizer_config.json / special_tokens_map.json) and
@@ -39,15 +40,39 @@ _GROWN = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # [V, D
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-  """Only what LlavaForConditionalGeneration expresses: mlp2x_gelu, a LLaMA decoder."""
+  """Only what LlavaForConditionalGeneration expresses: mlp2x_gelu, a LLaMA or Phi decoder
+  with a bias-free lm_head."""
   if cfg.projector.kind != "mlp2x_gelu":
     raise ConfigError(f"config.model.projector.kind: {cfg.projector.kind!r} has no "
                       "LlavaForConditionalGeneration counterpart (export needs mlp2x_gelu)")
-  # Decoder families other than LLaMA would add a `kind` field; none exports yet.
-  kind = getattr(cfg.decoder, "kind", "llama")
-  if kind != "llama":
-    raise ConfigError(f"config.model.decoder.kind: {kind!r}: only LLaMA decoders export "
-                      "to LlavaForConditionalGeneration")
+  d = cfg.decoder
+  if d.lm_head_bias:  # 5.x builds its own nn.Linear(bias=False) over any text model
+    raise ConfigError("config.model.decoder.lm_head_bias: LlavaForConditionalGeneration's "
+                      "lm_head has no bias; a model trained with one does not export")
+  if d.family == "phi" and d.head_size != d.width // d.heads:
+    # transformers 4.x PhiAttention derives the head size from hidden_size alone.
+    raise ConfigError(f"config.model.decoder.head_dim: {d.head_dim} != width // heads; a "
+                      "Phi text model needs the default head size")
+
+
+def _text_config(cfg: ModelConfig, special: dict[str, int | None], max_positions: int) -> dict:
+  """text_config: LlamaConfig or PhiConfig fields. RoPE values sit both at the top (4.x
+  reads them there) and in rope_parameters (5.x)."""
+  d = cfg.decoder
+  common = dict(vocab_size=exported_vocab(cfg), hidden_size=d.width,
+                intermediate_size=d.mlp_dim, num_hidden_layers=d.depth,
+                num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
+                rope_theta=d.rope_theta, max_position_embeddings=max_positions,
+                tie_word_embeddings=d.tie_embeddings, **special)
+  rope = {"rope_type": "default", "rope_theta": d.rope_theta}
+  if d.family == "phi":
+    return dict(model_type="phi", hidden_act="gelu_new", layer_norm_eps=d.norm_eps,
+                partial_rotary_factor=d.rotary_fraction, qk_layernorm=False,
+                rope_parameters={**rope, "partial_rotary_factor": d.rotary_fraction},
+                **common)
+  return dict(model_type="llama", head_dim=d.head_size, hidden_act="silu",
+              rms_norm_eps=d.norm_eps, rope_parameters=rope,
+              attention_bias=d.attention_bias, mlp_bias=d.mlp_bias, **common)
 
 
 def exported_vocab(cfg: ModelConfig) -> int:
@@ -67,14 +92,7 @@ def llava_config(cfg: ModelConfig, dtype: str, special: dict[str, int | None],
   """The LlavaConfig dict (transformers 5.x field names, readable by 4.4x) of `cfg`."""
   v, d = cfg.vision, cfg.decoder
   siglip = v.kind == "siglip"
-  text = dict(model_type="llama", vocab_size=exported_vocab(cfg), hidden_size=d.width,
-              intermediate_size=d.mlp_dim, num_hidden_layers=d.depth,
-              num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
-              head_dim=d.head_size, hidden_act="silu", rms_norm_eps=d.norm_eps,
-              rope_theta=d.rope_theta,  # 4.x reads it here, 5.x from rope_parameters
-              rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta},
-              max_position_embeddings=max_positions, attention_bias=False, mlp_bias=False,
-              tie_word_embeddings=d.tie_embeddings, **special)
+  text = _text_config(cfg, special, max_positions)
   vision = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model",
                 hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
                 num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
@@ -96,7 +114,8 @@ def _check_roundtrip(cfg: ModelConfig, hf: dict, path: str) -> None:
   for ours, theirs, keys, where in (
       (cfg.vision, back.vision, {**hf_import.VISION_KEYS, **hf_import.LLAVA_VISION_KEYS},
        "vision"),
-      (cfg.decoder, back.decoder, {k: v for k, v in hf_import.DECODER_KEYS.items()
+      (cfg.decoder, back.decoder, {k: v for k, v in
+                                   hf_import.decoder_keys(cfg.decoder.family).items()
                                    if k != "vocab_size"}, "decoder")):
     hf_import.compare(ours, theirs, keys, f"config.model.{where}", path)
 

@@ -2,7 +2,8 @@
 
 `config.init` names local folders (safetensors only): a vision tower (CLIPVisionModel /
 SiglipVisionModel, or the vision half of a CLIPModel / SiglipModel), a decoder
-(LlamaForCausalLM; Mistral without sliding window), a whole LlavaForConditionalGeneration,
+(LlamaForCausalLM, Mistral without sliding window, or PhiForCausalLM), a whole
+LlavaForConditionalGeneration (LLaMA or Phi text model),
 and an audio tower (the encoder of a WhisperModel / WhisperForConditionalGeneration, or a
 bare WhisperEncoder).
 The preset stays the source of truth for shapes: the folder's config.json is read with the
@@ -46,6 +47,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
                     sliding_window=4096, tie_word_embeddings=False),
+    # No partial_rotary_factor: PhiConfig's 0.5 is not Phi-2's 0.4, so a file without it
+    # is refused (hf_mapping names the key); published Phi config.json files all set it.
+    "phi": dict(vocab_size=51200, hidden_size=2048, intermediate_size=8192,
+                num_hidden_layers=24, num_attention_heads=32, hidden_act="gelu_new",
+                layer_norm_eps=1e-5, rope_theta=10000.0, qk_layernorm=False,
+                tie_word_embeddings=False),
     "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                               num_attention_heads=12, image_size=224, patch_size=32,
                               hidden_act="quick_gelu", layer_norm_eps=1e-5),
@@ -94,11 +101,25 @@ def read_config(folder: str) -> dict[str, Any]:
 VISION_KEYS = dict(kind="model_type", image_size="image_size", patch_size="patch_size",
                     width="hidden_size", depth="num_hidden_layers", heads="num_attention_heads",
                     mlp_dim="intermediate_size", layer_norm_eps="layer_norm_eps")
-DECODER_KEYS = dict(vocab_size="vocab_size", width="hidden_size", depth="num_hidden_layers",
-                     heads="num_attention_heads", kv_heads="num_key_value_heads",
-                     head_size="head_dim", mlp_dim="intermediate_size",
-                     rope_theta="rope_parameters.rope_theta", norm_eps="rms_norm_eps",
-                     tie_embeddings="tie_word_embeddings")
+# family first: a LLaMA folder for a Phi preset is reported as that, not as a width.
+DECODER_KEYS = dict(family="model_type", vocab_size="vocab_size", width="hidden_size",
+                    depth="num_hidden_layers", heads="num_attention_heads",
+                    kv_heads="num_key_value_heads", head_size="head_dim",
+                    mlp_dim="intermediate_size", rope_theta="rope_parameters.rope_theta",
+                    norm_eps="rms_norm_eps", tie_embeddings="tie_word_embeddings",
+                    norm="model_type", mlp="hidden_act", parallel_block="model_type",
+                    rotary_fraction="rope_parameters.partial_rotary_factor",
+                    attention_bias="attention_bias", mlp_bias="mlp_bias",
+                    lm_head_bias="architectures: only PhiForCausalLM has a lm_head bias")
+PHI_DECODER_KEYS = {**DECODER_KEYS, "norm_eps": "layer_norm_eps",
+                    "attention_bias": "model_type", "mlp_bias": "model_type"}
+
+
+def decoder_keys(family: str) -> dict[str, str]:
+  """Preset field -> HF key, for a text config of `family` (the preset's)."""
+  return PHI_DECODER_KEYS if family == "phi" else DECODER_KEYS
+
+
 LLAVA_VISION_KEYS = dict(feature_layer="vision_feature_layer",
                           feature_select="vision_feature_select_strategy")
 # pool and projector are ours (Whisper has neither): they come from the preset.
@@ -179,8 +200,8 @@ def llava_source(folder: str, cfg: ModelConfig) -> Source:
   _check_text(raw["text_config"], folder)
   compare(cfg.vision, theirs.vision, VISION_KEYS, "config.model.vision", path, "vision_config.")
   compare(cfg.vision, theirs.vision, LLAVA_VISION_KEYS, "config.model.vision", path)
-  compare(cfg.decoder, theirs.decoder, DECODER_KEYS, "config.model.decoder", path,
-          "text_config.")
+  compare(cfg.decoder, theirs.decoder, decoder_keys(cfg.decoder.family),
+          "config.model.decoder", path, "text_config.")
   compare(cfg, theirs, dict(image_token_id="image_token_index"), "config.model", path)
   compare(cfg.projector, theirs.projector, dict(kind="projector_hidden_act"),
           "config.model.projector", path)
@@ -209,11 +230,12 @@ def vision_source(folder: str, cfg: ModelConfig) -> Source:
 def decoder_source(folder: str, cfg: ModelConfig) -> Source:
   path = os.path.join(folder, "config.json")
   raw = read_config(folder)
-  _expect_type(raw, ("llama", "mistral"), "decoder_from_hf", path)
+  _expect_type(raw, ("llama", "mistral", "phi"), "decoder_from_hf", path)
   _check_text(raw, folder)
   theirs = _hf_config(folder, "decoder_from_hf", hm.decoder_config_from_hf, raw)
-  compare(cfg.decoder, theirs, DECODER_KEYS, "config.model.decoder", path)
-  return Source(folder, "llama", _rooted(hm.llama_rules(cfg.decoder), ("decoder",)),
+  compare(cfg.decoder, theirs, decoder_keys(cfg.decoder.family), "config.model.decoder", path)
+  return Source(folder, cfg.decoder.family,
+                _rooted(hm.decoder_rules(cfg.decoder), ("decoder",)),
                 tied=cfg.decoder.tie_embeddings)
 
 

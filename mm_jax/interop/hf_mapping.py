@@ -80,6 +80,14 @@ def vision_config_from_hf(hf_vision_config: Mapping[str, Any], where: str = "vis
   return cfg
 
 
+def _rope_value(c: Mapping[str, Any], key: str, where: str) -> float | None:
+  """`key` from the top level (4.x) or `rope_parameters` (5.x); None if in neither."""
+  params = c.get("rope_parameters") or {}
+  found = {float(v) for v in (c.get(key), params.get(key)) if v is not None}
+  _expect(len(found) <= 1, f"{where}.{key}", f"conflicts with rope_parameters.{key}")
+  return found.pop() if found else None
+
+
 def rope_theta_from_hf(hf_text_config: Mapping[str, Any], where: str = "text_config") -> float:
   """`rope_theta` from the top level (4.x) or `rope_parameters` (5.x); unscaled RoPE only."""
   c = hf_text_config
@@ -88,31 +96,74 @@ def rope_theta_from_hf(hf_text_config: Mapping[str, Any], where: str = "text_con
   rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
   _expect(rope_type in (None, "default"), f"{where}.rope_parameters.rope_type",
           f"{rope_type!r} RoPE scaling is not implemented (only default)")
-  found = {float(v) for v in (c.get("rope_theta"), params.get("rope_theta")) if v is not None}
-  if len(found) != 1:
-    raise ConfigError(f"{where}.rope_theta: " + ("conflicts with rope_parameters.rope_theta"
-                      if found else f"missing (neither {where}.rope_theta nor "
-                      f"{where}.rope_parameters.rope_theta is set)"))
-  return found.pop()
+  theta = _rope_value(c, "rope_theta", where)
+  _expect(theta is not None, f"{where}.rope_theta",
+          f"missing (neither {where}.rope_theta nor {where}.rope_parameters.rope_theta is set)")
+  return theta
+
+
+def _head_dim(c: Mapping[str, Any], width: int, heads: int) -> int:
+  """DecoderConfig.head_dim: 0 when the config's head_dim is width // heads (or unset)."""
+  head_dim = c.get("head_dim") or 0
+  return 0 if head_dim * heads == width else head_dim
 
 
 def decoder_config_from_hf(hf_text_config: Mapping[str, Any],
                            where: str = "text_config") -> DecoderConfig:
-  """LlamaConfig (LLaMA/Vicuna/Mistral without sliding window) dict -> DecoderConfig."""
+  """LlamaConfig (LLaMA/Vicuna/Mistral without sliding window) or PhiConfig (model_type
+  "phi") dict -> DecoderConfig of that family, as its *ForCausalLM computes it."""
   c = hf_text_config
+  if c.get("model_type") == "phi":
+    return _phi_config_from_hf(c, where)
   _expect(c.get("hidden_act", "silu") == "silu", f"{where}.hidden_act", "only silu is supported")
-  for key in ("attention_bias", "mlp_bias"):
-    _expect(not c.get(key), f"{where}.{key}", "biases are not supported")
+  factor = _rope_value(c, "partial_rotary_factor", where)
+  _expect(factor in (None, 1.0), f"{where}.partial_rotary_factor",
+          f"{factor}: partial rotary is implemented for model_type phi only")
   width, heads = _req(c, "hidden_size", where), _req(c, "num_attention_heads", where)
-  head_dim = c.get("head_dim") or 0
   cfg = DecoderConfig(vocab_size=_req(c, "vocab_size", where), width=width,
                       depth=_req(c, "num_hidden_layers", where), heads=heads,
                       kv_heads=c.get("num_key_value_heads") or heads,
-                      head_dim=0 if head_dim * heads == width else head_dim,
+                      head_dim=_head_dim(c, width, heads),
                       mlp_dim=_req(c, "intermediate_size", where),
                       rope_theta=rope_theta_from_hf(c, where),
                       norm_eps=float(_req(c, "rms_norm_eps", where)),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                      attention_bias=bool(c.get("attention_bias", False)),
+                      mlp_bias=bool(c.get("mlp_bias", False)))
+  cfg.validate(where)
+  return cfg
+
+
+# PhiConfig's hidden_act for Phi-1/1.5/2; both names are the tanh approximation of GELU.
+_PHI_ACTS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _phi_config_from_hf(c: Mapping[str, Any], where: str) -> DecoderConfig:
+  """PhiConfig dict -> DecoderConfig(family="phi"); PhiForCausalLM's lm_head has a bias.
+
+  partial_rotary_factor is required (top level in 4.x, rope_parameters in 5.x): PhiConfig
+  silently defaults it to 0.5 while Phi-2 uses 0.4.
+  """
+  act = c.get("hidden_act")
+  _expect(act in _PHI_ACTS, f"{where}.hidden_act", f"{act!r}: only {_PHI_ACTS} are supported")
+  _expect(not c.get("qk_layernorm"), f"{where}.qk_layernorm",
+          "query/key LayerNorm is not implemented")
+  factor = _rope_value(c, "partial_rotary_factor", where)
+  _expect(factor is not None, f"{where}.partial_rotary_factor",
+          f"missing (neither {where}.partial_rotary_factor nor "
+          f"{where}.rope_parameters.partial_rotary_factor is set)")
+  width, heads = _req(c, "hidden_size", where), _req(c, "num_attention_heads", where)
+  cfg = DecoderConfig(vocab_size=_req(c, "vocab_size", where), width=width,
+                      depth=_req(c, "num_hidden_layers", where), heads=heads,
+                      kv_heads=c.get("num_key_value_heads") or heads,
+                      head_dim=_head_dim(c, width, heads),
+                      mlp_dim=_req(c, "intermediate_size", where),
+                      rope_theta=rope_theta_from_hf(c, where),
+                      norm_eps=float(_req(c, "layer_norm_eps", where)),
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                      family="phi", norm="layer", mlp="gelu", parallel_block=True,
+                      rotary_fraction=factor, attention_bias=True, mlp_bias=True,
+                      lm_head_bias=True)
   cfg.validate(where)
   return cfg
 
@@ -123,6 +174,8 @@ def model_config_from_hf_llava(hf_config: Mapping[str, Any], **overrides: Any) -
   vision_feature_select_strategy "default" -> patch, "full" -> cls_patch for CLIP; SigLIP has
   no class token: "full" -> patch, and "default" (HF drops the first patch) is refused.
   Embeddings are tied if either the top level or text_config says so (as LlavaConfig does).
+  The decoder family follows text_config.model_type; the lm_head never has a bias (5.x
+  LlavaForConditionalGeneration builds its own, bias-free, even over a Phi text model).
   """
   c = hf_config
   layer = c.get("vision_feature_layer", -2)
@@ -146,7 +199,7 @@ def model_config_from_hf_llava(hf_config: Mapping[str, Any], **overrides: Any) -
   cfg = ModelConfig(
       vision=vision_config_from_hf(vc, feature_layer=layer, feature_select=select),
       projector=ProjectorConfig(kind="mlp2x_gelu"),
-      decoder=dataclasses.replace(decoder, tie_embeddings=tie),
+      decoder=dataclasses.replace(decoder, tie_embeddings=tie, lm_head_bias=False),
       image_token_id=int(token), dtype="float32")
   cfg = dataclasses.replace(cfg, **overrides)
   cfg.validate("model")
@@ -233,25 +286,61 @@ def projector_rules(cfg: ProjectorConfig, d_in: int, d_out: int) -> list[Rule]:
           + _linear("linear_2", ("fc2",), (d_out,), (d_out,), bias=True))
 
 
+def _attention(hf: str, at: Path, cfg: DecoderConfig, out: str) -> list[Rule]:
+  """q/k/v/`out` projections of one layer (`hf`: its self_attn prefix)."""
+  d, h, bias = cfg.width, cfg.head_size, cfg.attention_bias
+  return [*_linear(f"{hf}.q_proj", (*at, "q"), (d,), (cfg.heads, h), bias),
+          *_linear(f"{hf}.k_proj", (*at, "k"), (d,), (cfg.kv_heads, h), bias),
+          *_linear(f"{hf}.v_proj", (*at, "v"), (d,), (cfg.kv_heads, h), bias),
+          *_linear(f"{hf}.{out}", (*at, "o"), (cfg.heads, h), (d,), bias)]
+
+
+def _lm_head(cfg: DecoderConfig) -> list[Rule]:
+  """lm_head weight (unless tied) and bias; a tied head keeps its bias as `lm_bias`."""
+  d, v = cfg.width, cfg.vocab_size
+  if not cfg.tie_embeddings:
+    return _linear("lm_head", ("lm_head",), (d,), (v,), cfg.lm_head_bias)
+  return [Rule("lm_head.bias", ("lm_bias",), "copy", (v,), (v,))] if cfg.lm_head_bias else []
+
+
 def llama_rules(cfg: DecoderConfig) -> list[Rule]:
   """LlamaForCausalLM (`model.*`, `lm_head.weight` unless tied) <-> Decoder."""
-  d, f, h = cfg.width, cfg.mlp_dim, cfg.head_size
-  rules = [Rule("model.embed_tokens.weight", ("embedding",), "copy", (cfg.vocab_size, d),
-                (cfg.vocab_size, d)), *_norm("model.norm", ("norm",), d, bias=False)]
+  d, f, b = cfg.width, cfg.mlp_dim, cfg.mlp_bias
+  v = cfg.vocab_size
+  rules = [Rule("model.embed_tokens.weight", ("embedding",), "copy", (v, d), (v, d)),
+           *_norm("model.norm", ("norm",), d, bias=False)]
   for i in range(cfg.depth):
     hf, at = f"model.layers.{i}", ("layers", i)
     rules += [*_norm(f"{hf}.input_layernorm", (*at, "attn_norm"), d, bias=False),
               *_norm(f"{hf}.post_attention_layernorm", (*at, "mlp_norm"), d, bias=False),
-              *_linear(f"{hf}.self_attn.q_proj", (*at, "q"), (d,), (cfg.heads, h), bias=False),
-              *_linear(f"{hf}.self_attn.k_proj", (*at, "k"), (d,), (cfg.kv_heads, h), bias=False),
-              *_linear(f"{hf}.self_attn.v_proj", (*at, "v"), (d,), (cfg.kv_heads, h), bias=False),
-              *_linear(f"{hf}.self_attn.o_proj", (*at, "o"), (cfg.heads, h), (d,), bias=False),
-              *_linear(f"{hf}.mlp.gate_proj", (*at, "gate"), (d,), (f,), bias=False),
-              *_linear(f"{hf}.mlp.up_proj", (*at, "up"), (d,), (f,), bias=False),
-              *_linear(f"{hf}.mlp.down_proj", (*at, "down"), (f,), (d,), bias=False)]
-  if not cfg.tie_embeddings:
-    rules += _linear("lm_head", ("lm_head",), (d,), (cfg.vocab_size,), bias=False)
-  return rules
+              *_attention(f"{hf}.self_attn", at, cfg, "o_proj"),
+              *_linear(f"{hf}.mlp.gate_proj", (*at, "gate"), (d,), (f,), b),
+              *_linear(f"{hf}.mlp.up_proj", (*at, "up"), (d,), (f,), b),
+              *_linear(f"{hf}.mlp.down_proj", (*at, "down"), (f,), (d,), b)]
+  return rules + _lm_head(cfg)
+
+
+def phi_rules(cfg: DecoderConfig) -> list[Rule]:
+  """PhiForCausalLM (`model.*`, `lm_head.weight` unless tied, `lm_head.bias`) <-> Decoder.
+
+  One LayerNorm per layer (input_layernorm, shared by attention and MLP), `dense` is the
+  output projection, `model.final_layernorm` the final norm.
+  """
+  d, f, v = cfg.width, cfg.mlp_dim, cfg.vocab_size
+  rules = [Rule("model.embed_tokens.weight", ("embedding",), "copy", (v, d), (v, d)),
+           *_norm("model.final_layernorm", ("norm",), d, bias=True)]
+  for i in range(cfg.depth):
+    hf, at = f"model.layers.{i}", ("layers", i)
+    rules += [*_norm(f"{hf}.input_layernorm", (*at, "attn_norm"), d, bias=True),
+              *_attention(f"{hf}.self_attn", at, cfg, "dense"),
+              *_linear(f"{hf}.mlp.fc1", (*at, "fc1"), (d,), (f,), bias=True),
+              *_linear(f"{hf}.mlp.fc2", (*at, "fc2"), (f,), (d,), bias=True)]
+  return rules + _lm_head(cfg)
+
+
+def decoder_rules(cfg: DecoderConfig) -> list[Rule]:
+  """The *ForCausalLM rules of `cfg.family`."""
+  return phi_rules(cfg) if cfg.family == "phi" else llama_rules(cfg)
 
 
 def _prefixed(rules: Sequence[Rule], hf_prefix: str, path: Path, strip: str = "") -> list[Rule]:
@@ -261,8 +350,8 @@ def _prefixed(rules: Sequence[Rule], hf_prefix: str, path: Path, strip: str = ""
 
 
 def llava_rules(cfg: ModelConfig) -> list[Rule]:
-  """LlavaForConditionalGeneration (5.x keys) <-> MultimodalModel."""
-  text = llama_rules(cfg.decoder)
+  """LlavaForConditionalGeneration (5.x keys) <-> MultimodalModel, any decoder family."""
+  text = decoder_rules(cfg.decoder)
   body = [r for r in text if r.hf.startswith("model.")]
   head = [r for r in text if not r.hf.startswith("model.")]
   return (_prefixed(vision_rules(cfg.vision), "model.vision_tower.", ("towers", "image"))
@@ -278,6 +367,7 @@ def llava_rules(cfg: ModelConfig) -> list[Rule]:
 _RENAMES = {
     "vision": ((r"^vision_model\.", ""),),
     "llama": (),
+    "phi": (),
     "llava": ((r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."),
               (r"^(model\.)?multi_modal_projector\.", "model.multi_modal_projector."),
               (r"^(language_model\.)?lm_head\.", "lm_head."),
@@ -296,7 +386,7 @@ def ignored(key: str) -> bool:
 
 
 def normalize_keys(sd: Mapping[str, Any], family: str) -> dict[str, Any]:
-  """Renames `sd`'s keys to the transformers 5.x layout of `family` (vision|llama|llava|
+  """Renames `sd`'s keys to the transformers 5.x layout of `family` (vision|llama|phi|llava|
   whisper)."""
   out: dict[str, Any] = {}
   for key, value in sd.items():
@@ -358,10 +448,10 @@ def projector_to_mm(sd: Mapping[str, Any], cfg: ProjectorConfig, d_in: int, d_ou
   return hf_to_mm(sd, projector_rules(cfg, d_in, d_out), prefix)
 
 
-def llama_to_mm(sd: Mapping[str, Any], cfg: DecoderConfig, prefix: Path = ()) -> Flat:
-  """LlamaForCausalLM state dict -> Decoder params under `prefix`."""
-  sd = _untie(normalize_keys(sd, "llama"), "model.embed_tokens.weight", cfg.tie_embeddings)
-  return hf_to_mm(sd, llama_rules(cfg), prefix)
+def decoder_to_mm(sd: Mapping[str, Any], cfg: DecoderConfig, prefix: Path = ()) -> Flat:
+  """LlamaForCausalLM / PhiForCausalLM (per cfg.family) state dict -> Decoder params."""
+  sd = _untie(normalize_keys(sd, cfg.family), "model.embed_tokens.weight", cfg.tie_embeddings)
+  return hf_to_mm(sd, decoder_rules(cfg), prefix)
 
 
 def llava_to_mm(sd: Mapping[str, Any], cfg: ModelConfig) -> Flat:
@@ -375,8 +465,8 @@ def mm_to_vision(flat: Mapping[Path, Any], cfg: VisionConfig, prefix: Path = ())
   return mm_to_hf(flat, vision_rules(cfg), prefix)
 
 
-def mm_to_llama(flat: Mapping[Path, Any], cfg: DecoderConfig, prefix: Path = ()) -> dict:
-  return mm_to_hf(flat, llama_rules(cfg), prefix)
+def mm_to_decoder(flat: Mapping[Path, Any], cfg: DecoderConfig, prefix: Path = ()) -> dict:
+  return mm_to_hf(flat, decoder_rules(cfg), prefix)
 
 
 def mm_to_llava(flat: Mapping[Path, Any], cfg: ModelConfig) -> dict:

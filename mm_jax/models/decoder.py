@@ -1,10 +1,12 @@
-"""LLaMA-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, KV cache.
+"""Causal decoder with grouped-query attention, RoPE and a KV cache, for two families.
 
-Covers LLaMA-1/2/3, Vicuna, TinyLlama and Mistral (without sliding window) through
-`DecoderConfig`. The decoder sees only embeddings: `MultimodalModel` looks up text
-embeddings with `embed`, merges media rows in, and calls `__call__` on the result
-(training) or `step` with a `KVCache` (generation: one prefill call, then one token per
-call).
+`DecoderConfig` picks the block: LLaMA-1/2/3, Vicuna, TinyLlama and Mistral (without
+sliding window): RMSNorm, sequential attention then SwiGLU MLP, full RoPE; Phi-1/1.5/2:
+LayerNorm, attention and GELU MLP in parallel off one norm, partial RoPE, biases.
+
+The decoder sees only embeddings: `MultimodalModel` looks up text embeddings with `embed`,
+merges media rows in, and calls `__call__` on the result (training) or `step` with a
+`KVCache` (generation: one prefill call, then one token per call).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from flax import nnx, struct
 from mm_jax import sharding
 from mm_jax.config import DecoderConfig
 from mm_jax.models import attention
-from mm_jax.models.layers import Dense, RMSNorm, param, rope
+from mm_jax.models.layers import Dense, LayerNorm, RMSNorm, param, rope
 
 
 @struct.dataclass
@@ -34,42 +36,65 @@ class KVCache:
   index: jax.Array
 
 
+def _norm(cfg: DecoderConfig, **kw) -> RMSNorm | LayerNorm:
+  cls = RMSNorm if cfg.norm == "rms" else LayerNorm
+  return cls(cfg.width, "embed", eps=cfg.norm_eps, **kw)
+
+
 class DecoderBlock(nnx.Module):
+  """Parameter names follow the family: LLaMA attn_norm, q/k/v/o, mlp_norm, gate/up/down;
+  Phi attn_norm (the only norm), q/k/v/o, fc1/fc2; biases where the config asks."""
+
   def __init__(self, cfg: DecoderConfig, *, attention_impl: str, rngs: nnx.Rngs, dtype,
                param_dtype):
     d, n, k, h, f = cfg.width, cfg.heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim
-    kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    norm = dict(eps=cfg.norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attn_norm = RMSNorm(d, "embed", **norm)
-    self.q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), **kw)
-    self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), **kw)
-    self.v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), **kw)
-    self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), **kw)
-    self.mlp_norm = RMSNorm(d, "embed", **norm)
-    self.gate = Dense((d,), (f,), ("embed", "mlp"), **kw)
-    self.up = Dense((d,), (f,), ("embed", "mlp"), **kw)
-    self.down = Dense((f,), (d,), ("mlp", "embed"), **kw)
-    self.rope_theta = cfg.rope_theta
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    att = dict(use_bias=cfg.attention_bias, **kw)
+    mlp = dict(use_bias=cfg.mlp_bias, **kw)
+    self.attn_norm = _norm(cfg, **kw)
+    self.q = Dense((d,), (n, h), ("embed", "heads", "head_dim"), **att)
+    self.k = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), **att)
+    self.v = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), **att)
+    self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), **att)
+    self.mlp_norm = None if cfg.parallel_block else _norm(cfg, **kw)
+    if cfg.mlp == "swiglu":
+      self.gate = Dense((d,), (f,), ("embed", "mlp"), **mlp)
+      self.up = Dense((d,), (f,), ("embed", "mlp"), **mlp)
+      self.down = Dense((f,), (d,), ("mlp", "embed"), **mlp)
+    else:
+      self.fc1 = Dense((d,), (f,), ("embed", "mlp"), **mlp)
+      self.fc2 = Dense((f,), (d,), ("mlp", "embed"), **mlp)
+    self.mlp_kind, self.parallel = cfg.mlp, cfg.parallel_block
+    self.rope_theta, self.rotary_dims = cfg.rope_theta, cfg.rotary_dims
     self.attention_impl = attention_impl
 
-  def _qkv(self, x: jax.Array, positions: jax.Array):
-    """q float[B, T, N, H], k and v float[B, T, K, H], rotary applied to q and k."""
-    y = self.attn_norm(x)
-    q = rope(self.q(y), positions, self.rope_theta)
-    return q, rope(self.k(y), positions, self.rope_theta), self.v(y)
+  def _qkv(self, y: jax.Array, positions: jax.Array):
+    """y (normed) float[B, T, D] -> q float[B, T, N, H], k and v float[B, T, K, H], rotary
+    applied to the leading rotary_dims of q and k."""
+    rot = lambda x: rope(x, positions, self.rope_theta, self.rotary_dims)
+    return rot(self.q(y)), rot(self.k(y)), self.v(y)
 
-  def _out(self, x: jax.Array, attended: jax.Array) -> jax.Array:
-    """Output projection, residual and the MLP half of the block."""
+  def _mlp(self, y: jax.Array) -> jax.Array:
+    if self.mlp_kind == "swiglu":
+      return self.down(jax.nn.silu(self.gate(y)) * self.up(y))
+    # Phi's hidden_act "gelu_new" is the tanh approximation.
+    return self.fc2(jax.nn.gelu(self.fc1(y), approximate=True))
+
+  def _out(self, x: jax.Array, y: jax.Array, attended: jax.Array) -> jax.Array:
+    """Output projection, residuals and the MLP half: parallel (Phi) off the same normed
+    y, else sequential (LLaMA) off its own norm."""
+    if self.parallel:
+      return x + self.o(attended) + self._mlp(y)
     x = x + self.o(attended)
-    y = self.mlp_norm(x)
-    return x + self.down(jax.nn.silu(self.gate(y)) * self.up(y))
+    return x + self._mlp(self.mlp_norm(x))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x float[B, T, D], positions/segment_ids int32[B, T] -> float[B, T, D]."""
-    q, k, v = self._qkv(x, positions)
+    y = self.attn_norm(x)
+    q, k, v = self._qkv(y, positions)
     out = attention.attend(q, k, v, segment_ids=segment_ids, causal=True,
                            impl=self.attention_impl)
-    return self._out(x, out)
+    return self._out(x, y, out)
 
   def step(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
            valid: jax.Array, index: jax.Array):
@@ -78,11 +103,12 @@ class DecoderBlock(nnx.Module):
     `valid` bool[B, S] already marks this call's real tokens; slot order is time order,
     so causality is "key slot <= query slot".
     """
-    q, k, v = self._qkv(x, positions)
+    y = self.attn_norm(x)
+    q, k, v = self._qkv(y, positions)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
     out = attention.attend_cached(q, k_cache, v_cache, valid=valid, index=index)
-    return self._out(x, out), k_cache, v_cache
+    return self._out(x, y, out), k_cache, v_cache
 
 
 class Decoder(nnx.Module):
@@ -94,10 +120,13 @@ class Decoder(nnx.Module):
                            param_dtype)
     self.layers = nnx.List([DecoderBlock(cfg, attention_impl=attention_impl, **kw)
                             for _ in range(cfg.depth)])
-    self.norm = RMSNorm(cfg.width, "embed", eps=cfg.norm_eps, **kw)
+    self.norm = _norm(cfg, **kw)
     self.lm_head = (None if cfg.tie_embeddings else
-                    Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
-                          std=0.02, **kw))
+                    Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"),
+                          use_bias=cfg.lm_head_bias, std=0.02, **kw))
+    # PhiForCausalLM ties only lm_head.weight to the table; its bias stays its own.
+    self.lm_bias = (param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),
+                          param_dtype) if cfg.tie_embeddings and cfg.lm_head_bias else None)
     self.remat, self.dtype = remat, dtype
     self.cache_shape = (cfg.depth, cfg.kv_heads, cfg.head_size)  # L, K, H
 
@@ -131,6 +160,8 @@ class Decoder(nnx.Module):
     x = self.norm(x)
     if self.lm_head is None:
       logits = jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
+      if self.lm_bias is not None:
+        logits = logits + self.lm_bias[...].astype(self.dtype)
     else:
       logits = self.lm_head(x)
     return sharding.constrain(logits.astype(jnp.float32), "act_batch", "act_seq", "act_vocab")

@@ -50,7 +50,7 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm computed in float32 (CLIP and SigLIP towers)."""
+  """LayerNorm computed in float32 (CLIP and SigLIP towers, Phi decoders)."""
 
   def __init__(self, dim: int, axis_name: str, *, eps: float, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32):
@@ -93,17 +93,21 @@ ACTIVATIONS = {
 }
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, "rotate half" layout (as LLaMA in transformers).
+def rope(x: jax.Array, positions: jax.Array, theta: float, dims: int | None = None
+         ) -> jax.Array:
+  """Rotary embedding, "rotate half" layout (as LLaMA and Phi in transformers).
 
-  x float[B, T, N, H], positions int32[B, T]; computed in float32.
+  x float[B, T, N, H], positions int32[B, T]; computed in float32. `dims` (even, <= H;
+  None: H) leading dims of each head are rotated with frequencies theta^(-2i/dims), the
+  rest pass through unchanged (Phi's partial rotary).
   """
-  h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  r = x.shape[-1] if dims is None else dims
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, r, 2, dtype=jnp.float32) / r))  # [R/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
   cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rot, rest = x32[..., :r], x32[..., r:]
+  x1, x2 = jnp.split(rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  return jnp.concatenate([rot * cos + rotated * sin, rest], -1).astype(x.dtype)

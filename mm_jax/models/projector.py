@@ -25,12 +25,11 @@ class Projector(nnx.Module):
     self.fc1 = Dense((d_in,), (d_out,), ("vision_embed", "embed"), **kw)
     self.fc2 = (Dense((d_out,), (d_out,), ("mlp", "embed"), **kw)
                 if cfg.kind == "mlp2x_gelu" else None)
-    self.res = None
-    if cfg.kind == "residual_mlp":
-      self.res = nnx.List([
-          nnx.List([Dense((d_out,), (d_out,), ("embed", "mlp"), **kw),
-                    Dense((d_out,), (d_out,), ("mlp", "embed"), **kw)])
-          for _ in range(cfg.depth)])
+    # One assignment: nnx fixes an attribute's data/static status at its first one (None).
+    self.res = (nnx.List([
+        nnx.List([Dense((d_out,), (d_out,), ("embed", "mlp"), **kw),
+                  Dense((d_out,), (d_out,), ("mlp", "embed"), **kw)])
+        for _ in range(cfg.depth)]) if cfg.kind == "residual_mlp" else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gelu = ACTIVATIONS["gelu"]

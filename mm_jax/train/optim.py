@@ -36,8 +36,15 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """clip -> AdamW; weight decay only on matrices (not norms, biases or embeddings' rows)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  """clip -> AdamW; weight decay only on Dense/conv kernels.
+
+  Chosen by name, not rank: norms, biases (q/k/v biases are [N, H]), embeddings and
+  position tables are never decayed.
+  """
+  # Pytree paths end in the Variable's `.value` attribute: look at the last dict key.
+  name = lambda path: [k.key for k in path if hasattr(k, "key")][-1]
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: name(path) == "kernel", params)
   adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.clip_norm > 0:

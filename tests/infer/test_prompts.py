@@ -33,7 +33,7 @@ def test_synthetic_prompt_errors_name_the_problem(tiny):
   tok = prompts.tokenizer_for(cfg)
   with pytest.raises(prompts.PromptError, match=r"\['this'\] are not in the synthetic"):
     prompts.encode(cfg, tok, "what is this?", n_images=1)
-  with pytest.raises(prompts.PromptError, match="2 <image> tags but 1 images"):
+  with pytest.raises(prompts.PromptError, match="2 <image> tags but 1 image item"):
     prompts.encode(cfg, tok, f"{IMAGE_TAG} {IMAGE_TAG} what shape is it?", n_images=1)
 
 

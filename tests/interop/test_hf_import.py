@@ -59,7 +59,7 @@ def test_vision_and_decoder_folders_stream_into_their_shardings(tmp_path):
   target = restore_target(built.abstract, built.shardings)
   params, frozen = hf_import.init_from_hf(cfg.init, cfg.model, [target.params, target.frozen])
   want = {**hm.vision_to_mm(clip_sd, cfg.model.vision, ("towers", "image")),
-          **hm.llama_to_mm(llama_sd, cfg.model.decoder, ("decoder",))}
+          **hm.decoder_to_mm(llama_sd, cfg.model.decoder, ("decoder",))}
   got = {**leaves(params), **leaves(frozen)}
   shardings = {**leaves(built.shardings.params), **leaves(built.shardings.frozen)}
   assert {p for p in got if p[0] == "towers"} == set(leaves(frozen))

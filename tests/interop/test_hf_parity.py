@@ -108,15 +108,18 @@ def run_decoder(decoder: Decoder, tokens: np.ndarray, positions=None, segments=N
   return run(lambda m, t, p, s: m(m.embed(t), p, s), decoder, tokens, positions, segments)
 
 
-@pytest.mark.parametrize("tie,head_dim", [(False, None), (True, None), (False, 16)])
-def test_llama_matches_hf(tie, head_dim):
-  config = transformers.LlamaConfig(**TEXT, tie_word_embeddings=tie, head_dim=head_dim)
+@pytest.mark.parametrize("tie,head_dim,bias", [(False, None, False), (True, None, False),
+                                               (False, 16, False), (False, None, True)])
+def test_llama_matches_hf(tie, head_dim, bias):
+  config = transformers.LlamaConfig(**TEXT, tie_word_embeddings=tie, head_dim=head_dim,
+                                    attention_bias=bias, mlp_bias=bias)
   ref = hf_model(transformers.LlamaForCausalLM, config)
   cfg = hm.decoder_config_from_hf(ref.config.to_dict())
   assert (cfg.tie_embeddings, cfg.rope_theta, cfg.kv_heads) == (tie, 500.0, 2)
+  assert cfg.attention_bias == cfg.mlp_bias == bias
   assert cfg.head_size == (head_dim or 8)
   decoder = abstract(Decoder, cfg)
-  hm.load_flat_into(decoder, hm.llama_to_mm(state_dict(ref), cfg))
+  hm.load_flat_into(decoder, hm.decoder_to_mm(state_dict(ref), cfg))
   tokens = np.random.default_rng(0).integers(0, TEXT["vocab_size"], (2, 12))
   with torch.no_grad():
     want = ref(torch.from_numpy(tokens)).logits.numpy()
