@@ -34,7 +34,7 @@ from mm_jax.models.multimodal import MultimodalModel, resolve_backends  # noqa: 
 def random_model(preset: str) -> tuple[MultimodalModel, config_lib.ModelConfig]:
   """Random bf16 weights made on the device (no host copy of a 7B model)."""
   cfg = config_lib.from_config_dict(llava.get_config(preset)).model
-  cfg = resolve_backends(dataclasses.replace(cfg, param_dtype=cfg.dtype, remat=False))
+  cfg = resolve_backends(dataclasses.replace(cfg, param_dtype=cfg.dtype, remat="none"))
   make = lambda: MultimodalModel(cfg, rngs=nnx.Rngs(0))
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   state = jax.jit(lambda: nnx.split(make())[1])()

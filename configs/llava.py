@@ -4,11 +4,15 @@ r"""LLaVA-style vision-language presets.
   python main.py --config=configs/llava.py:7b,stage=pretrain --dry_run
   python main.py --config=configs/llava.py:7b,stage=finetune --config.optim.lr=1e-5 ...
 
-The arg is `<preset>[,stage=<full|pretrain|finetune>]`. Presets: tiny (CPU, minutes),
-1b (CLIP ViT-L/14-336 + a 1.1B LLaMA: the benchmark shape), 7b (LLaVA-1.5-7B), 13b
-(LLaVA-1.5-13B), phi2 (CLIP ViT-B/16 + Phi-2 2.7B: a small-GPU LLaVA; issue 8). Stages
-follow LLaVA-1.5 (Liu et al. 2023, Table 9): pretrain trains the projector only at lr
-1e-3; finetune also trains the decoder at lr 2e-5; full trains all.
+The arg is `<preset>[,stage=<full|pretrain|finetune|finetune_lora|finetune_qlora>]`.
+Presets: tiny (CPU, minutes), 1b (CLIP ViT-L/14-336 + a 1.1B LLaMA: the benchmark shape),
+7b (LLaVA-1.5-7B), 13b (LLaVA-1.5-13B), phi2 (CLIP ViT-B/16 + Phi-2 2.7B: a small-GPU
+LLaVA; issue 8). Stages follow LLaVA-1.5 (Liu et al. 2023, Table 9): pretrain trains the
+projector only at lr 1e-3; finetune also trains the decoder at lr 2e-5; full trains all.
+finetune_lora trains the projector and rank-8 LoRA adapters on the decoder's projections
+at lr 2e-4 (LLaVA-1.5's LoRA recipe uses rank 128 and lr 2e-4; override config.lora.rank),
+the base frozen; finetune_qlora also stores the frozen base in NF4 (not implemented
+yet: config validation rejects it).
 """
 
 import ml_collections
@@ -77,6 +81,11 @@ _STAGES = {
     "full": dict(freeze=()),
     "pretrain": dict(freeze=(r"^towers/", r"^decoder/"), lr=1e-3, task="caption"),
     "finetune": dict(freeze=(r"^towers/",), lr=2e-5, task="qa"),
+    # Adapters train whatever `freeze` says (mm_jax.train.state): r"^decoder/" freezes its base.
+    "finetune_lora": dict(freeze=(r"^towers/", r"^decoder/"), lr=2e-4, task="qa",
+                          lora=dict(rank=8)),
+    "finetune_qlora": dict(freeze=(r"^towers/", r"^decoder/"), lr=2e-4, task="qa",
+                           lora=dict(rank=8, base_qtype="nf4")),
 }
 
 
@@ -118,7 +127,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.merge = "auto"
   c.model.dtype = preset.get("dtype", "bfloat16")
   c.model.param_dtype = "float32"
-  c.model.remat = big
+  c.model.remat = "full" if big else "none"  # none | full | dots (models/remat.py)
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,
@@ -127,7 +136,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       interleave_av=False,
       json="", eval_json="", image_dir="", tfds_dir="", tokenizer="",
       template="plain" if stage_name == "pretrain" else "vicuna_v1",
-      image_aspect_ratio="pad", strict=False, max_skip_fraction=0.01))
+      image_aspect_ratio="pad", strict=False, max_skip_fraction=0.01,
+      caption_separator="\n", captions="one"))  # coco_captions (mm_jax/data/coco.py)
   c.data.update(preset.get("data", {}))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -152,5 +162,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.generate = dict(max_new_tokens=16 if not big else 512, temperature=0.0, top_k=0,
                     top_p=1.0, seed=0, stop=())
   c.eval = dict(generate=True, drop_modality="")
+  # LoRA (mm_jax.models.lora): off unless a *_lora stage or an override sets the rank.
+  c.lora = dict(rank=0, alpha=16.0, dropout=0.0,
+                targets=(r"^decoder/layers/\d+/(q|k|v|o|gate|up|down|fc1|fc2)$",),
+                base_qtype="none", block_size=64)
+  c.lora.update(stage.get("lora", {}))
   c.lock()
   return c

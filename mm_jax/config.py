@@ -18,6 +18,8 @@ from typing import Any
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
 MERGE_IMPLS = ("xla", "pallas", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")  # mm_jax/models/remat.py
+STAGES = ("full", "pretrain", "finetune", "finetune_lora", "finetune_qlora")
 
 
 class ConfigError(ValueError):
@@ -244,7 +246,9 @@ class ModelConfig:
   merge: str = "auto"
   dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
   param_dtype: str = "float32"
-  remat: bool = False  # rematerialise each transformer block in the backward pass
+  # Rematerialise each transformer block in the backward pass: none | full (keep only the
+  # block input) | dots (also keep the weight matmuls' outputs); see models/remat.py.
+  remat: str = "none"
 
   def validate(self, key: str) -> None:
     self.vision.validate(f"{key}.vision")
@@ -256,6 +260,7 @@ class ModelConfig:
            f"must be one of {MERGE_IMPLS}, got {self.merge!r}")
     _check(self.dtype in DTYPES, f"{key}.dtype", f"must be one of {DTYPES}")
     _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")
+    _check(self.remat in REMAT, f"{key}.remat", f"must be one of {REMAT}, got {self.remat!r}")
     _check(len(self.modalities) == len(set(self.modalities))
            and set(self.modalities) <= set(MODALITIES), f"{key}.modalities",
            f"{self.modalities}: each of {MODALITIES} at most once")
@@ -273,13 +278,13 @@ class ModelConfig:
     return getattr(self, f"{modality}_token_id")
 
 
-SOURCES = ("synthetic", "synthetic_av", "llava_json", "tfds")
+SOURCES = ("synthetic", "synthetic_av", "llava_json", "tfds", "coco_captions")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   # synthetic (shapes, images) | synthetic_av (audio-video task) | llava_json | tfds
-  # (llava_json via ArrayRecord)
+  # (llava_json via ArrayRecord) | coco_captions (COCO captions_*.json; data/coco.py)
   source: str = "synthetic"
   task: str = "qa"  # synthetic only: qa (stage 2 style) | caption (stage 1 style)
   clip_seconds: float = 1.0  # synthetic_av only: length of each generated clip
@@ -307,6 +312,11 @@ class DataConfig:
   template: str = "vicuna_v1"  # plain (stage 1) | vicuna_v1 (LLaVA-1.5) | llama3
   image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5) | resize | crop
   strict: bool = False  # stop at the first bad record instead of skipping it
+  # coco_captions only: text between the image's placeholders and its caption (not in the
+  # loss; "" is LLaVA's plain layout), and one caption per image per epoch, picked by a
+  # seeded RNG (data/coco.py), or all captions as samples.
+  caption_separator: str = "\n"
+  captions: str = "one"  # one | all
   max_skip_fraction: float = 0.01  # stop when more records than this are bad
 
   def validate(self, key: str) -> None:
@@ -319,6 +329,12 @@ class DataConfig:
         _check(bool(getattr(self, name)), f"{key}.{name}", f"required by source={self.source}")
     _check(self.template in ("plain", "vicuna_v1", "llama3"), f"{key}.template",
            f"must be plain|vicuna_v1|llama3, got {self.template!r}")
+    _check(self.captions in ("one", "all"), f"{key}.captions",
+           f"must be one|all, got {self.captions!r}")
+    # Captions are stage-1 samples; say so rather than silently ignore another template.
+    _check(self.source != "coco_captions" or self.template == "plain", f"{key}.template",
+           f"source=coco_captions renders captions with the plain template; got "
+           f"{self.template!r}")
     _check(self.image_aspect_ratio in ("pad", "resize", "crop"), f"{key}.image_aspect_ratio",
            f"must be pad|resize|crop, got {self.image_aspect_ratio!r}")
     _check(0 <= self.max_skip_fraction <= 1, f"{key}.max_skip_fraction", "must be in [0, 1]")
@@ -462,9 +478,40 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on frozen Dense kernels (`mm_jax.models.lora`). Adapters always
+  train; `optim.freeze` applies to the base parameters only."""
+
+  rank: int = 0  # 0: off
+  alpha: float = 16.0  # delta scaled by alpha / rank
+  dropout: float = 0.0  # on the adapter input; not implemented yet: must be 0
+  # Regexes over module paths ("decoder/layers/3/q"); every matching Dense gets an adapter.
+  targets: tuple[str, ...] = (r"^decoder/layers/\d+/(q|k|v|o|gate|up|down|fc1|fc2)$",)
+  base_qtype: str = "none"  # none | int8 | nf4 (frozen base kernels stored quantised)
+  block_size: int = 64  # quantisation block along the kernel's input dim
+
+  def validate(self, key: str) -> None:
+    _check(self.rank >= 0, f"{key}.rank", f"must be >= 0, got {self.rank}")
+    _check(self.alpha > 0, f"{key}.alpha", f"must be positive, got {self.alpha}")
+    _check(self.dropout == 0.0, f"{key}.dropout",
+           f"adapter dropout is not implemented yet; must be 0.0, got {self.dropout}")
+    _check(self.rank == 0 or self.targets, f"{key}.targets", "empty, but rank > 0")
+    for i, pattern in enumerate(self.targets):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f"{key}.targets[{i}]: bad regex {pattern!r}: {e}") from e
+    _check(self.base_qtype in ("none", "int8", "nf4"), f"{key}.base_qtype",
+           f"must be none|int8|nf4, got {self.base_qtype!r}")
+    _check(self.base_qtype == "none", f"{key}.base_qtype",
+           f"quantised base kernels are not implemented yet; got {self.base_qtype!r}")
+    _check(self.block_size > 0, f"{key}.block_size", f"must be positive, got {self.block_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "tiny"
-  stage: str = "full"  # full | pretrain | finetune
+  stage: str = "full"  # full | pretrain | finetune | finetune_lora | finetune_qlora
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
@@ -474,10 +521,11 @@ class Config:
   init: InitConfig = InitConfig()
   generate: GenerateConfig = GenerateConfig()
   eval: EvalConfig = EvalConfig()
+  lora: LoraConfig = LoraConfig()
 
   def validate(self, key: str = "config") -> None:
-    _check(self.stage in ("full", "pretrain", "finetune"), f"{key}.stage",
-           f"must be full|pretrain|finetune, got {self.stage!r}")
+    _check(self.stage in STAGES, f"{key}.stage",
+           f"must be {'|'.join(STAGES)}, got {self.stage!r}")
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if dataclasses.is_dataclass(value):
@@ -485,6 +533,10 @@ class Config:
     _check(self.stage == "full" or self.optim.freeze, f"{key}.stage",
            f"{self.stage} freezes modules but config.optim.freeze is empty; pick the stage in "
            "the config argument (configs/llava.py:7b,stage=pretrain), not by override")
+    _check(not self.stage.endswith("lora") or self.lora.rank > 0, f"{key}.lora.rank",
+           f"stage {self.stage} trains adapters: rank must be > 0")
+    _check(self.stage != "finetune_qlora" or self.lora.base_qtype != "none",
+           f"{key}.lora.base_qtype", "stage finetune_qlora needs a quantised base (int8|nf4)")
     _check(self.train.batch_size % self.optim.grad_accum == 0, f"{key}.optim.grad_accum",
            f"{self.optim.grad_accum} does not divide train.batch_size {self.train.batch_size}")
     _check(not self.init.audio_from_hf or "audio" in self.model.modalities,

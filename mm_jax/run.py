@@ -9,7 +9,9 @@ from mm_jax import sharding
 
 
 def dry_run(cfg: config_lib.Config) -> dict[str, int]:
-  """Builds the model abstractly (no weights allocated) and prints parameter counts."""
+  """Builds the model abstractly (no weights allocated) and prints parameter counts, then
+  the memory table (mm_jax/train/memory.py)."""
+  from mm_jax.train import memory
   from mm_jax.train import state as state_lib
 
   built = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
@@ -19,6 +21,7 @@ def dry_run(cfg: config_lib.Config) -> dict[str, int]:
   for name, n in rows:
     size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
     print(f"{name:32s} {n:>16,d}  ({size})")
+  print("\n".join(memory.format_table(cfg, memory.table(cfg, built.abstract))))
   return counts
 
 

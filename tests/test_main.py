@@ -99,7 +99,7 @@ def test_mimo_trains_evaluates_per_kind_and_answers_a_clip(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   r = _main("--mode=eval", *args, "--config.eval.drop_modality=audio")
   assert r.returncode == 0, r.stderr[-3000:]
-  result = json.load(open(os.path.join(w, "eval_4.json")))
+  result = json.load(open(os.path.join(w, "eval_4_drop_audio.json")))
   assert set(result["accuracy"]) == {"video", "audio", "binding", "xor"}
   assert result["drop_modality"] == "audio"
   clip = export_av_clips(str(tmp_path / "clips"), 1)[0]

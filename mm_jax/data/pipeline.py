@@ -269,6 +269,10 @@ def source_examples(data: DataConfig, spec: RowSpec, *, split: str):
     return synthetic_examples(data, spec, split=split)
   if data.source == "synthetic_av":
     return synthetic_av_examples(data, spec, split=split)
+  if data.source == "coco_captions":
+    from mm_jax.data import coco
+
+    return coco.coco_examples(data, spec, split=split)
   from mm_jax.data import llava
 
   return llava.llava_examples(data, spec, split=split)

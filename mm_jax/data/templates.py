@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mm_jax.data.text import Encoded, Tokenizer, split_tags
+from mm_jax.data.text import IMAGE_TAG, Encoded, Tokenizer, split_tags
 
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's "
@@ -67,18 +67,21 @@ def _eos(tok: Tokenizer, template: str) -> int:
   return tok.eos_id
 
 
-def _plain(tok: Tokenizer, exchanges: list[tuple[str, str]]) -> list[_Segment]:
-  """`<bos> {tags of the human turn} {caption}<eos>`: LLaVA's stage-1 pretraining.
+def _plain(tok: Tokenizer, exchanges: list[tuple[str, str]], separator: str = ""
+           ) -> list[_Segment]:
+  """`<bos> {tags of the human turn}{separator}{caption}<eos>`: LLaVA's stage-1 pretraining.
 
   As LLaVA does, the human text other than its tags is dropped. (LLaVA itself ends with
-  its "\\n" separator; here the caption ends with <eos>.)
+  its "\\n" separator; here the caption ends with <eos>.) `separator` (not in the loss)
+  sits between the tags and the caption; LLaVA has none there (render_caption).
   """
   if len(exchanges) != 1:
     raise ValueError(f"the plain template takes one human and one gpt turn, got "
                      f"{len(exchanges)} exchanges")
   human, caption = exchanges[0]
   tags = [(p, False) for p in split_tags(human, tok.tags) if p in tok.tags]
-  return [*_bos(tok), *tags, (caption, True), (_eos(tok, "plain"), True)]
+  sep = [(separator, False)] if separator else []
+  return [*_bos(tok), *tags, *sep, (caption, True), (_eos(tok, "plain"), True)]
 
 
 def _vicuna_v1(tok: Tokenizer, exchanges: list[tuple[str, str]]) -> list[_Segment]:
@@ -182,3 +185,11 @@ def render_conversation(tok: Tokenizer, conversation, template: str, *,
   if build is None:
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
   return _encode_segments(tok, build(tok, _exchanges(conversation)), expand)
+
+
+def render_caption(tok: Tokenizer, caption: str, *, expand: Expand, separator: str = "\n",
+                   tags: str = IMAGE_TAG) -> Encoded:
+  """An image caption as the `plain` template renders it, with `separator` between the
+  image's placeholders and the caption (data.caption_separator; "" is LLaVA's layout):
+  `<bos><image>{separator}{caption}<eos>`, the loss on the caption and <eos>."""
+  return _encode_segments(tok, _plain(tok, [(tags, caption)], separator), expand)

@@ -42,6 +42,9 @@ _GROWN = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # [V, D
 def check_exportable(cfg: ModelConfig) -> None:
   """Only what LlavaForConditionalGeneration expresses: mlp2x_gelu, a LLaMA or Phi decoder
   with a bias-free lm_head."""
+  if tuple(cfg.modalities) != ("image",):
+    raise ConfigError(f"config.model.modalities: {cfg.modalities}; the LLaVA format holds "
+                      "images only (video and audio towers have no counterpart there)")
   if cfg.projector.kind != "mlp2x_gelu":
     raise ConfigError(f"config.model.projector.kind: {cfg.projector.kind!r} has no "
                       "LlavaForConditionalGeneration counterpart (export needs mlp2x_gelu)")

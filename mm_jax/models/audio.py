@@ -30,7 +30,7 @@ from flax import nnx
 
 from mm_jax import sharding
 from mm_jax.config import AudioConfig
-from mm_jax.models import attention
+from mm_jax.models import attention, remat
 from mm_jax.models.layers import ACTIVATIONS, Dense, LayerNorm, param
 
 _gelu = ACTIVATIONS["gelu"]  # exact erf GELU (transformers' "gelu")
@@ -107,7 +107,7 @@ class AudioBlock(nnx.Module):
 class AudioTower(nnx.Module):
   """log-mel float[B, L, n_mels], valid bool[B, L] -> float[B, L', D], bool[B, L']."""
 
-  def __init__(self, cfg: AudioConfig, *, attention_impl: str = "xla", remat: bool = False,
+  def __init__(self, cfg: AudioConfig, *, attention_impl: str = "xla", remat: str = "none",
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.cfg = cfg
     d = cfg.width
@@ -135,7 +135,7 @@ class AudioTower(nnx.Module):
     """States after the last block, before pooling and the final LayerNorm (L/2 frames)."""
     x, valid = self.embed(mel, valid)
     segments = valid.astype(jnp.int32)
-    call = nnx.remat(lambda b, x, s: b(x, s)) if self.remat else (lambda b, x, s: b(x, s))
+    call = remat.wrap(lambda b, x, s: b(x, s), self.remat)
     for block in self.blocks:
       with jax.named_scope("audio_block"):
         x = sharding.constrain(call(block, x, segments), "act_batch", "act_seq", "act_embed")

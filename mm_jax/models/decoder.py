@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from mm_jax import sharding
 from mm_jax.config import DecoderConfig
-from mm_jax.models import attention
+from mm_jax.models import attention, remat
 from mm_jax.models.layers import Dense, LayerNorm, RMSNorm, param, rope
 
 
@@ -112,7 +112,7 @@ class DecoderBlock(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, cfg: DecoderConfig, *, attention_impl: str = "xla", remat: bool = False,
+  def __init__(self, cfg: DecoderConfig, *, attention_impl: str = "xla", remat: str = "none",
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     init = jax.nn.initializers.normal(0.02)
@@ -149,7 +149,7 @@ class Decoder(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x float[B, T, D] -> logits float32[B, T, V]."""
     for layer in self.layers:
-      call = nnx.remat(lambda b, *a: b(*a)) if self.remat else (lambda b, *a: b(*a))
+      call = remat.wrap(lambda b, *a: b(*a), self.remat)
       with jax.named_scope("decoder_block"):
         x = sharding.constrain(call(layer, x, positions, segment_ids),
                                "act_batch", "act_seq", "act_embed")

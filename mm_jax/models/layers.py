@@ -25,6 +25,9 @@ class Dense(nnx.Module):
 
   kernel float[*in_shape, *out_shape] with `axes` naming every kernel dim; e.g. the query
   projection is Dense((D,), (N, H), ("embed", "heads", "head_dim")): "BTD,DNH->BTNH".
+
+  With a LoRA adapter (`add_lora`, applied by `mm_jax.models.lora` after construction):
+  y = x . W + (alpha / r) (x . A) . B, A float[*in_shape, R], B float[R, *out_shape].
   """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
@@ -38,12 +41,39 @@ class Dense(nnx.Module):
                        param_dtype) if use_bias else None)
     self.n_in = len(in_shape)
     self.dtype = dtype
+    # Data attributes even while None: `add_lora` may fill them after construction.
+    self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+    self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+    self.lora_scale = 0.0
+
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+    """Adds a rank-`rank` adapter: A ~ N(0, 1/fan_in), B = 0, so the output is unchanged
+    until B trains. Adapters are `nnx.LoRAParam`s (a `Param` subclass: filters can pick
+    them) with logical axes A (*in_axes, None), B (None, *out_axes): sharded like the
+    kernel's input and output dims, the rank dim replicated."""
+    kernel = self.kernel
+    axes = kernel.get_metadata()["logical_axes"]
+    shape, n = kernel.shape, self.n_in
+    fan_in = math.prod(shape[:n])
+    a = jax.nn.initializers.normal(fan_in**-0.5)(rngs.params(), (*shape[:n], rank), kernel.dtype)
+    self.lora_a = nnx.LoRAParam(a, logical_axes=(*axes[:n], None))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, *shape[n:]), kernel.dtype),
+                                logical_axes=(None, *axes[n:]))
+    self.lora_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)
     n = self.n_in
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel,
-                            ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+    x = x.astype(self.dtype)
+    contract_in = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+    y = jax.lax.dot_general(x, kernel, contract_in)
+    if self.lora_a is not None:
+      # Two skinny matmuls, never W + A.B: the dense delta would cost a kernel-sized buffer
+      # (and its gradient) per layer.
+      xa = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), contract_in)  # [..., R]
+      delta = jax.lax.dot_general(xa, self.lora_b[...].astype(self.dtype),
+                                  (((xa.ndim - 1,), (0,)), ((), ())))
+      y = y + self.lora_scale * delta
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

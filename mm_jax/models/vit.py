@@ -15,7 +15,7 @@ from flax import nnx
 
 from mm_jax import sharding
 from mm_jax.config import VisionConfig
-from mm_jax.models import attention
+from mm_jax.models import attention, remat
 from mm_jax.models.layers import ACTIVATIONS, Dense, LayerNorm, param
 
 
@@ -50,7 +50,7 @@ class VisionBlock(nnx.Module):
 class VisionTower(nnx.Module):
   """images float[M, H, W, 3] (normalised) -> features float[M, P', D_v]."""
 
-  def __init__(self, cfg: VisionConfig, *, attention_impl: str = "xla", remat: bool = False,
+  def __init__(self, cfg: VisionConfig, *, attention_impl: str = "xla", remat: str = "none",
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.cfg = cfg
     d, p = cfg.width, cfg.patch_size
@@ -84,7 +84,7 @@ class VisionTower(nnx.Module):
     upto = len(self.blocks) if upto is None else upto
     states = [self.embed(images)]
     for block in list(self.blocks)[:upto]:
-      call = nnx.remat(lambda b, x: b(x)) if self.remat else (lambda b, x: b(x))
+      call = remat.wrap(lambda b, x: b(x), self.remat)
       with jax.named_scope("vision_block"):
         states.append(sharding.constrain(call(block, states[-1]),
                                          "act_batch", "act_seq", "act_embed"))

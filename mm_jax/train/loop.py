@@ -214,7 +214,9 @@ def evaluate(cfg: Config, workdir: str) -> dict:
   if jax.process_index() == 0:
     accuracy = {k.removeprefix("eval/accuracy/"): v for k, v in result.items()
                 if k.startswith("eval/accuracy/")}
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+    # An ablation writes beside the plain result, never over it.
+    drop = f"_drop_{cfg.eval.drop_modality}" if cfg.eval.drop_modality else ""
+    with open(os.path.join(workdir, f"eval_{step}{drop}.json"), "w") as f:
       json.dump({"step": step, "accuracy": accuracy, "drop_modality": cfg.eval.drop_modality,
                  **result}, f, indent=2)
     writer = metrics_lib.MetricsWriter(workdir)

@@ -17,6 +17,7 @@ from flax import nnx
 from mm_jax import sharding
 from mm_jax.config import Config
 from mm_jax.interop import hf_import
+from mm_jax.models import lora
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
 from mm_jax.train import optim
 from mm_jax.train.checkpoint import restore_target
@@ -32,14 +33,17 @@ class Built:
 
 
 def _split(model: MultimodalModel, freeze: tuple[str, ...]):
-  """graphdef, trainable params, frozen params."""
+  """graphdef, trainable params, frozen params. LoRA adapters always train: `freeze`
+  names base parameters (a stage freezes r"^decoder/" and still trains its adapters)."""
   frozen = optim.frozen_filter(freeze)
-  return nnx.split(model, nnx.All(nnx.Param, nnx.Not(frozen)), ...)
+  trainable = nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.Not(frozen)))
+  return nnx.split(model, trainable, ...)
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
   model_cfg = resolve_backends(cfg.model)
-  make_model = lambda: MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+  make_model = lambda: lora.apply(MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed)),
+                                  cfg.lora, cfg.train.seed)
   graphdef, _, _ = _split(nnx.eval_shape(make_model), cfg.optim.freeze)
   tx = optim.make_tx(cfg.optim, cfg.train.steps)
 

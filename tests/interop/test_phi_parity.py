@@ -235,3 +235,8 @@ def test_export_refuses_a_lm_head_bias():
   with pytest.raises(ConfigError, match="config.model.decoder.lm_head_bias"):
     hf_export.check_exportable(ModelConfig(decoder=phi))
   hf_export.check_exportable(ModelConfig(decoder=dataclasses.replace(phi, lm_head_bias=False)))
+
+
+def test_export_refuses_video_and_audio_models():
+  with pytest.raises(ConfigError, match="config.model.modalities"):
+    hf_export.check_exportable(ModelConfig(modalities=("image", "audio")))

@@ -1,0 +1,60 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on the Dense layers whose module path matches.
+
+Applied after the model is built, so the base weights are exactly those of the same model
+without adapters (same seed, same draws), and models never need to know their own path.
+The adapters are `nnx.LoRAParam`s; `mm_jax.train.state` keeps them trainable whatever
+`optim.freeze` says, so a stage freezes the base with plain patterns (r"^decoder/").
+
+We do not use qwix (0.1.8): it carries only `out_sharding`/`sharding_names` metadata over
+to the adapters (ours is `logical_axes`, copied unchanged onto a tensor of another rank),
+flattens multi-dim kernels (q's B would be [R, N*H], losing the "heads" axis), and creates
+adapters by tracing a call with sample inputs, which `state.build`'s abstract
+eval_shape / jit(out_shardings) initialisation does not have.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mm_jax.config import ConfigError, LoraConfig
+from mm_jax.models.layers import Dense
+
+
+def module_path(path) -> str:
+  """('decoder', 'layers', 3, 'q') -> 'decoder/layers/3/q'."""
+  return "/".join(str(k) for k in path)
+
+
+def apply(model: nnx.Module, cfg: LoraConfig, seed: int) -> nnx.Module:
+  """Adds adapters in place to every Dense matching `cfg.targets`; returns `model`.
+
+  Raises ConfigError if rank > 0 and no module matches (a typo would silently train
+  nothing but the explicitly trainable modules).
+  """
+  if cfg.rank == 0:
+    return model
+  patterns = [re.compile(t) for t in cfg.targets]
+  # A stream of its own: the adapters' draws never shift the base weights' draws.
+  rngs = nnx.Rngs(params=seed + 0x10A)
+  hits = [m for path, m in nnx.iter_modules(model)
+          if isinstance(m, Dense) and any(p.search(module_path(path)) for p in patterns)]
+  if not hits:
+    raise ConfigError(f"config.lora.targets: {cfg.targets} match no Dense module")
+  for m in hits:
+    m.add_lora(cfg.rank, cfg.alpha, rngs)
+  return model
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """Folds every adapter into its kernel in place (W += (alpha / r) A.B) and removes it:
+  the plain model, e.g. for export to frameworks without LoRA. Returns `model`."""
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, Dense) and m.lora_a is not None:
+      delta = jnp.tensordot(m.lora_a[...], m.lora_b[...], axes=1)  # [*in, R].[R, *out]
+      m.kernel[...] = m.kernel[...] + (m.lora_scale * delta).astype(m.kernel.dtype)
+      m.lora_a = m.lora_b = None
+      m.lora_scale = 0.0
+  return model
