@@ -11,8 +11,8 @@ import numpy as np
 
 from mm_jax import sharding
 from mm_jax.config import Config
-from mm_jax.data import pipeline
 from mm_jax.infer import generate, prompts
+from mm_jax.models.audio import tokens_for_frames
 from mm_jax.models.multimodal import MultimodalModel
 
 
@@ -54,8 +54,8 @@ def answer(cfg: Config, model: MultimodalModel, text: str, images: Sequence[str]
   if "audio" in mods:
     batch["audio"], batch["audio_frames"] = prompts.load_audio(cfg, audios)
     batch["audio_valid"] = np.arange(len(batch["audio"])) < len(audios)
-    spec = pipeline.RowSpec.create(cfg.data, cfg.model)
-    audio_tokens = [spec.audio_tokens(int(n)) for n in batch["audio_frames"][:len(audios)]]
+    audio_tokens = [tokens_for_frames(int(n), cfg.model.audio)
+                    for n in batch["audio_frames"][:len(audios)]]
   ids = prompts.encode(cfg, tok, text, len(images), n_videos=len(videos),
                        audio_tokens=audio_tokens)
   stops = prompts.stop_ids(cfg, tok)
