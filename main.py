@@ -38,8 +38,8 @@ def main(argv):
     run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value, prompt=_PROMPT.value,
              images=tuple(_IMAGE.value), videos=tuple(_VIDEO.value),
              audios=tuple(_AUDIO.value))
-  except config.ConfigError as e:  # a bad value: name the key, no traceback
-    raise app.UsageError(str(e)) from None
+  except config.ConfigError as e:  # a bad value: name the key; no traceback, no flag help
+    sys.exit(f"config error: {e}")
   except DataError as e:  # strict mode or too many bad records: the message says which
     sys.exit(f"data error: {e}")
   except (PromptError, BadRecord, FileNotFoundError) as e:  # --mode=generate inputs

@@ -11,8 +11,8 @@ LLaVA; issue 8). Stages follow LLaVA-1.5 (Liu et al. 2023, Table 9): pretrain tr
 projector only at lr 1e-3; finetune also trains the decoder at lr 2e-5; full trains all.
 finetune_lora trains the projector and rank-8 LoRA adapters on the decoder's projections
 at lr 2e-4 (LLaVA-1.5's LoRA recipe uses rank 128 and lr 2e-4; override config.lora.rank),
-the base frozen; finetune_qlora also stores the frozen base in NF4 (not implemented
-yet: config validation rejects it).
+adapter dropout 0.05, the base frozen; finetune_qlora also stores the frozen base
+kernels in NF4 (blocks of 64, float32 scales; QLoRA, Dettmers et al. 2023).
 """
 
 import ml_collections
@@ -83,9 +83,11 @@ _STAGES = {
     "finetune": dict(freeze=(r"^towers/",), lr=2e-5, task="qa"),
     # Adapters train whatever `freeze` says (mm_jax.train.state): r"^decoder/" freezes its base.
     "finetune_lora": dict(freeze=(r"^towers/", r"^decoder/"), lr=2e-4, task="qa",
-                          lora=dict(rank=8)),
+                          lora=dict(rank=8, dropout=0.05)),
     "finetune_qlora": dict(freeze=(r"^towers/", r"^decoder/"), lr=2e-4, task="qa",
-                           lora=dict(rank=8, base_qtype="nf4")),
+                           lora=dict(rank=8, dropout=0.05, base_qtype="nf4"),
+                           # QLoRA's bf16 adapters and 16-bit embeddings (tiny: float32)
+                           param_dtype="bfloat16"),
 }
 
 
@@ -126,8 +128,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.attention = "auto"
   c.model.merge = "auto"
   c.model.dtype = preset.get("dtype", "bfloat16")
-  c.model.param_dtype = "float32"
+  c.model.param_dtype = stage.get("param_dtype", "float32") if big else "float32"
   c.model.remat = "full" if big else "none"  # none | full | dots (models/remat.py)
+  c.model.time_code = "none"  # none | learned (models/timecode.py; configs/mimo.py)
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,

@@ -249,6 +249,9 @@ class ModelConfig:
   # Rematerialise each transformer block in the backward pass: none | full (keep only the
   # block input) | dots (also keep the weight matmuls' outputs); see models/remat.py.
   remat: str = "none"
+  # Time codes (models/timecode.py): none | learned, one vector per time slot (a video
+  # frame's span of the clip) added to the video and audio rows of that slot.
+  time_code: str = "none"
 
   def validate(self, key: str) -> None:
     self.vision.validate(f"{key}.vision")
@@ -261,6 +264,8 @@ class ModelConfig:
     _check(self.dtype in DTYPES, f"{key}.dtype", f"must be one of {DTYPES}")
     _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")
     _check(self.remat in REMAT, f"{key}.remat", f"must be one of {REMAT}, got {self.remat!r}")
+    _check(self.time_code in ("none", "learned"), f"{key}.time_code",
+           f"must be none|learned, got {self.time_code!r}")
     _check(len(self.modalities) == len(set(self.modalities))
            and set(self.modalities) <= set(MODALITIES), f"{key}.modalities",
            f"{self.modalities}: each of {MODALITIES} at most once")
@@ -484,17 +489,18 @@ class LoraConfig:
 
   rank: int = 0  # 0: off
   alpha: float = 16.0  # delta scaled by alpha / rank
-  dropout: float = 0.0  # on the adapter input; not implemented yet: must be 0
+  dropout: float = 0.0  # inverted dropout on the adapter input, training only
   # Regexes over module paths ("decoder/layers/3/q"); every matching Dense gets an adapter.
   targets: tuple[str, ...] = (r"^decoder/layers/\d+/(q|k|v|o|gate|up|down|fc1|fc2)$",)
-  base_qtype: str = "none"  # none | int8 | nf4 (frozen base kernels stored quantised)
-  block_size: int = 64  # quantisation block along the kernel's input dim
+  # none | int8 | nf4: the targeted (frozen) base kernels stored block-quantised
+  # (mm_jax.models.quant); embeddings, norms and biases stay in param_dtype.
+  base_qtype: str = "none"
+  block_size: int = 64  # quantisation block along the kernel's (flattened) input dims
 
   def validate(self, key: str) -> None:
     _check(self.rank >= 0, f"{key}.rank", f"must be >= 0, got {self.rank}")
     _check(self.alpha > 0, f"{key}.alpha", f"must be positive, got {self.alpha}")
-    _check(self.dropout == 0.0, f"{key}.dropout",
-           f"adapter dropout is not implemented yet; must be 0.0, got {self.dropout}")
+    _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", f"must be in [0, 1), got {self.dropout}")
     _check(self.rank == 0 or self.targets, f"{key}.targets", "empty, but rank > 0")
     for i, pattern in enumerate(self.targets):
       try:
@@ -503,9 +509,10 @@ class LoraConfig:
         raise ConfigError(f"{key}.targets[{i}]: bad regex {pattern!r}: {e}") from e
     _check(self.base_qtype in ("none", "int8", "nf4"), f"{key}.base_qtype",
            f"must be none|int8|nf4, got {self.base_qtype!r}")
-    _check(self.base_qtype == "none", f"{key}.base_qtype",
-           f"quantised base kernels are not implemented yet; got {self.base_qtype!r}")
-    _check(self.block_size > 0, f"{key}.block_size", f"must be positive, got {self.block_size}")
+    _check(self.block_size > 0 and self.block_size % 2 == 0, f"{key}.block_size",
+           f"must be positive and even, got {self.block_size}")
+    _check(self.base_qtype == "none" or self.rank > 0, f"{key}.base_qtype",
+           f"{self.base_qtype} quantises the kernels that carry adapters: needs rank > 0")
 
 
 @dataclasses.dataclass(frozen=True)

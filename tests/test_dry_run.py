@@ -64,16 +64,28 @@ def test_decoder_activations_follow_the_stated_formula():
 
 
 def test_quantised_leaves_count_as_stored():
-  """A kernel stored as int8 with float32 scales counts its ints and its scales."""
+  """An nf4 kernel counts two parameters per stored byte; its scales count bytes only."""
   abstract = types.SimpleNamespace(
       params={"projectors": {"image": {"w": jax.ShapeDtypeStruct((8, 4), np.float32)}}},
-      frozen={"decoder": {"q": {"kernel_q": jax.ShapeDtypeStruct((64, 32), np.int8),
-                                "scale": jax.ShapeDtypeStruct((1, 32), np.float32)}}},
+      frozen={"decoder": {"q": {"kernel_nf4": jax.ShapeDtypeStruct((32, 32), np.uint8),
+                                "kernel_scale": jax.ShapeDtypeStruct((1, 32), np.float32)}}},
       opt_state=())
   rows = memory.table(tiny_config(), abstract)
-  assert rows["decoder"].params == 64 * 32 + 32
-  assert rows["decoder"].param_bytes == 64 * 32 + 4 * 32
-  assert rows["total"].param_bytes == 64 * 32 + 4 * 32 + 4 * 32
+  assert rows["decoder"].params == 64 * 32
+  assert rows["decoder"].param_bytes == 32 * 32 + 4 * 32
+  assert rows["total"].param_bytes == 32 * 32 + 4 * 32 + 4 * 32
+
+
+@pytest.mark.parametrize("preset,params,limit", [("7b", 6_758_404_096, 4.3e9),
+                                                  ("phi2", 2_791_480_320, 2.0e9)])
+def test_qlora_decoder_fits_the_issue_budget(preset, params, limit):
+  """Issue 8: with stage=finetune_qlora the stored decoder (NF4 linear layers with their
+  float32 scales, bf16 embeddings, norms and adapters) stays under the budget. `params`
+  is the decoder with rank-8 adapters as stage finetune_lora counts it in float."""
+  cfg = config_lib.from_config_dict(llava.get_config(f"{preset},stage=finetune_qlora"))
+  rows = _table(cfg)
+  assert rows["decoder"].params == params  # the same parameters, stored smaller
+  assert rows["decoder"].param_bytes < limit, rows["decoder"].param_bytes
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,11 @@ def export_model(model: MultimodalModel, cfg: Config, out: str, *, dtype: str = 
   """Writes the Hugging Face folder `out` for `model` (shapes from `cfg.model`); `dtype`
   (float32 | bfloat16 | float16) defaults to the parameter dtype. Returns the files."""
   check_exportable(cfg.model)
+  # write_weights takes the rules' paths only: adapters would silently not be exported.
+  adapters = [hm.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))]
+  if adapters:
+    raise ValueError(f"the model has unmerged LoRA adapters ({adapters[0]}, ...): fold them "
+                     "in with mm_jax.models.lora.merge first (`hf export` does)")
   dtype = dtype or cfg.model.param_dtype
   os.makedirs(out, exist_ok=True)
   special = hf_tokenizer.write(cfg, out)

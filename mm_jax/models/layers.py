@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mm_jax.models import quant
+
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
           dtype=jnp.float32) -> nnx.Param:
@@ -27,7 +29,11 @@ class Dense(nnx.Module):
   projection is Dense((D,), (N, H), ("embed", "heads", "head_dim")): "BTD,DNH->BTNH".
 
   With a LoRA adapter (`add_lora`, applied by `mm_jax.models.lora` after construction):
-  y = x . W + (alpha / r) (x . A) . B, A float[*in_shape, R], B float[R, *out_shape].
+  y = x . W + (alpha / r) (drop(x) . A) . B,
+  A float[*in_shape, R], B float[R, *out_shape]; `drop` is inverted dropout of rate
+  `lora_dropout`, active only while `lora_key` holds a key (the train step sets it).
+  After `quantize_base` the kernel is stored as block-quantised codes and scales
+  (`mm_jax.models.quant`) and dequantised at each call.
   """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
@@ -45,8 +51,12 @@ class Dense(nnx.Module):
     self.lora_a: nnx.LoRAParam | None = nnx.data(None)
     self.lora_b: nnx.LoRAParam | None = nnx.data(None)
     self.lora_scale = 0.0
+    self.lora_dropout = 0.0
+    self.lora_key: jax.Array | None = nnx.data(None)
+    self.in_shape, self.axes = in_shape, tuple(axes)
+    self.qtype: str | None = None  # set by quantize_base
 
-  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dropout: float = 0.0) -> None:
     """Adds a rank-`rank` adapter: A ~ N(0, 1/fan_in), B = 0, so the output is unchanged
     until B trains. Adapters are `nnx.LoRAParam`s (a `Param` subclass: filters can pick
     them) with logical axes A (*in_axes, None), B (None, *out_axes): sharded like the
@@ -60,14 +70,37 @@ class Dense(nnx.Module):
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, *shape[n:]), kernel.dtype),
                                 logical_axes=(None, *axes[n:]))
     self.lora_scale = alpha / rank
+    self.lora_dropout = dropout
+
+  def quantize_base(self, qtype: str, block: int, where: str = "Dense") -> None:
+    """Replaces the kernel by block-quantised codes and scales (frozen for good)."""
+    kernel = self.kernel
+    quant.check_shape(kernel.shape, self.n_in, block, where)
+    names = quant.axes(self.axes, self.n_in)
+    codes, scales = quant.quantize(kernel[...], self.n_in, qtype, block)
+    setattr(self, quant.code_name(qtype), quant.QuantKernel(codes, logical_axes=names))
+    self.kernel_scale = quant.QuantKernel(scales, logical_axes=names)
+    self.kernel = nnx.data(None)
+    self.qtype = qtype
+
+  def base_kernel(self) -> jax.Array:
+    """The kernel float[*in, *out] in the compute dtype (dequantised if stored quantised)."""
+    if self.qtype is None:
+      return self.kernel[...].astype(self.dtype)
+    codes = getattr(self, quant.code_name(self.qtype))[...]
+    return quant.dequantize(codes, self.kernel_scale[...], self.n_in, self.in_shape,
+                            self.qtype, self.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
+    kernel = self.base_kernel()
     n = self.n_in
     x = x.astype(self.dtype)
     contract_in = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
     y = jax.lax.dot_general(x, kernel, contract_in)
     if self.lora_a is not None:
+      if self.lora_dropout and self.lora_key is not None:
+        keep = jax.random.bernoulli(self.lora_key, 1.0 - self.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
       # Two skinny matmuls, never W + A.B: the dense delta would cost a kernel-sized buffer
       # (and its gradient) per layer.
       xa = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), contract_in)  # [..., R]

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mm_jax.config import ConfigError, LoraConfig
+from mm_jax.models import quant
 from mm_jax.models.layers import Dense
 
 
@@ -39,20 +41,46 @@ def apply(model: nnx.Module, cfg: LoraConfig, seed: int) -> nnx.Module:
   patterns = [re.compile(t) for t in cfg.targets]
   # A stream of its own: the adapters' draws never shift the base weights' draws.
   rngs = nnx.Rngs(params=seed + 0x10A)
-  hits = [m for path, m in nnx.iter_modules(model)
+  hits = [(path, m) for path, m in nnx.iter_modules(model)
           if isinstance(m, Dense) and any(p.search(module_path(path)) for p in patterns)]
   if not hits:
     raise ConfigError(f"config.lora.targets: {cfg.targets} match no Dense module")
-  for m in hits:
-    m.add_lora(cfg.rank, cfg.alpha, rngs)
+  for path, m in hits:
+    m.add_lora(cfg.rank, cfg.alpha, rngs, cfg.dropout)
+    if cfg.base_qtype != "none":
+      try:
+        m.quantize_base(cfg.base_qtype, cfg.block_size, module_path(path))
+      except ValueError as e:
+        raise ConfigError(f"config.lora.block_size: {e}") from e
   return model
+
+
+def set_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
+  """Gives every adapter with dropout its own key (fold_in of `key` and its index), which
+  turns the dropout on for the next call; the train step calls this on its merged model.
+  Adapters are numbered in `nnx.iter_modules` order, which the graph fixes."""
+  i = 0
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, Dense) and m.lora_a is not None and m.lora_dropout:
+      m.lora_key = jax.random.fold_in(key, i)
+      i += 1
 
 
 def merge(model: nnx.Module) -> nnx.Module:
   """Folds every adapter into its kernel in place (W += (alpha / r) A.B) and removes it:
-  the plain model, e.g. for export to frameworks without LoRA. Returns `model`."""
+  the plain model, e.g. for export to frameworks without LoRA. A quantised base kernel is
+  dequantised first (float32), so the result is an ordinary float model. Returns `model`."""
   for _, m in nnx.iter_modules(model):
-    if isinstance(m, Dense) and m.lora_a is not None:
+    if not isinstance(m, Dense):
+      continue
+    if m.qtype is not None:
+      kernel = quant.dequantize(getattr(m, quant.code_name(m.qtype))[...],
+                                m.kernel_scale[...], m.n_in, m.in_shape, m.qtype, jnp.float32)
+      delattr(m, quant.code_name(m.qtype))
+      del m.kernel_scale
+      m.kernel = nnx.Param(kernel, logical_axes=m.axes)
+      m.qtype = None
+    if m.lora_a is not None:
       delta = jnp.tensordot(m.lora_a[...], m.lora_b[...], axes=1)  # [*in, R].[R, *out]
       m.kernel[...] = m.kernel[...] + (m.lora_scale * delta).astype(m.kernel.dtype)
       m.lora_a = m.lora_b = None

@@ -21,28 +21,38 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=cfg.every, max_to_keep=cfg.keep,
         enable_async_checkpointing=cfg.async_save, create=True)
+    self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=options,
+        self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "base": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether it saved."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iterator))
-    return self.manager.save(step, args=args, force=force)
+  def save(self, step: int, state, data_iterator, *, force: bool = False,
+           base: dict | None = None) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether it saved. With
+    `base` (a LoRA run: mm_jax.train.base) the frozen parameters are left out and `base`,
+    their fingerprint and source, is written instead."""
+    items = {"state": ocp.args.StandardSave(state if base is None else state.replace(frozen=None)),
+             "data": grain.checkpoint.CheckpointSave(data_iterator)}
+    if base is not None:
+      items["base"] = ocp.args.JsonSave(base)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, target, data_iterator=None):
+  def restore(self, step: int, target, data_iterator=None, *, with_base: bool = False):
     """Restores the state into `target`'s shapes and shardings (any mesh), and the
-    iterator position in place. `target`: pytree of jax.ShapeDtypeStruct with shardings."""
+    iterator position in place. `target`: pytree of jax.ShapeDtypeStruct with shardings.
+    with_base: returns (state, the base record save() wrote)."""
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if with_base:
+      items["base"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+    return (restored["state"], restored["base"]) if with_base else restored["state"]
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)

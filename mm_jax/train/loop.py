@@ -14,9 +14,10 @@ from mm_jax import config as config_lib
 from mm_jax import sharding
 from mm_jax.config import Config
 from mm_jax.data import pipeline, skips
+from mm_jax.train import base as base_lib
 from mm_jax.train import metrics as metrics_lib
 from mm_jax.train import state as state_lib
-from mm_jax.train.checkpoint import Checkpointer, restore_target
+from mm_jax.train.checkpoint import Checkpointer
 from mm_jax.train.step import eval_step, train_step
 
 
@@ -63,9 +64,12 @@ def train(cfg: Config, workdir: str) -> dict:
   with jax.set_mesh(mesh):
     if start:
       metrics_lib.log(f"resuming from step {start} in {workdir}")
-      state = ckpt.restore(start, restore_target(built.abstract, built.shardings), data)
+      state = state_lib.restore(built, cfg, ckpt, start, data)
     else:
       state = state_lib.initialise(built, cfg)
+    # A LoRA run's checkpoints hold the fingerprint of its frozen base, not the base.
+    base = ({"fingerprint": base_lib.fingerprint(state.frozen), "source": base_lib.source(cfg)}
+            if base_lib.saves_base(cfg) else None)
   batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
   step_fn = jax.jit(functools.partial(train_step, built.fns),
                     in_shardings=(built.shardings, batch_sh),
@@ -99,13 +103,13 @@ def train(cfg: Config, workdir: str) -> dict:
         # Preemption is checked every step so the grace period is not wasted.
         preempted = n < total and ckpt.reached_preemption(n)
         if n < total and (n % cfg.checkpoint.every == 0 or preempted):
-          ckpt.save(n, state, data, force=preempted)
+          ckpt.save(n, state, data, force=preempted, base=base)
         if preempted:
           ckpt.wait()
           metrics_lib.log(f"preempted: saved step {n}, exiting")
           return last
       if ckpt.latest_step() != total:
-        ckpt.save(total, state, data, force=True)
+        ckpt.save(total, state, data, force=True, base=base)
       if not has_eval_data(cfg):
         metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
         return last
@@ -207,7 +211,7 @@ def evaluate(cfg: Config, workdir: str) -> dict:
     raise FileNotFoundError(f"--mode=eval: no checkpoint under {workdir}/checkpoints")
   try:
     with jax.set_mesh(mesh):
-      state = ckpt.restore(step, restore_target(built.abstract, built.shardings))
+      state = state_lib.restore(built, cfg, ckpt, step)
       result = evaluate_state(cfg, built, state, mesh)
   finally:
     ckpt.close()

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from mm_jax.config import Config
+from mm_jax.models import quant
 
 GiB = 2**30
 
@@ -59,10 +60,14 @@ def module_of(path) -> str | None:
 
 
 def _leaves(tree):
+  """(module, parameters, bytes) per stored leaf; a quantised kernel's codes count the
+  parameters they hold, its scales bytes only (mm_jax.models.quant.stored_params)."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-      n = int(np.prod(leaf.shape))
-      yield module_of(path), n, n * np.dtype(leaf.dtype).itemsize
+      size = int(np.prod(leaf.shape))
+      names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+      n = quant.stored_params(names[-1], size) if names else size
+      yield module_of(path), n, size * np.dtype(leaf.dtype).itemsize
 
 
 def table(cfg: Config, abstract) -> dict[str, Row]:

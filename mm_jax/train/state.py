@@ -17,10 +17,10 @@ from flax import nnx
 from mm_jax import sharding
 from mm_jax.config import Config
 from mm_jax.interop import hf_import
-from mm_jax.models import lora
+from mm_jax.models import lora, quant
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
-from mm_jax.train import optim
-from mm_jax.train.checkpoint import restore_target
+from mm_jax.train import base, optim
+from mm_jax.train.checkpoint import Checkpointer, restore_target
 from mm_jax.train.step import StepFns, TrainState
 
 
@@ -54,7 +54,9 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
 
   abstract = jax.eval_shape(init)
   shardings = sharding.state_shardings(abstract, mesh)
-  fns = StepFns(graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum)
+  dropout_seed = cfg.train.seed if cfg.lora.rank and cfg.lora.dropout else None
+  fns = StepFns(graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum,
+                dropout_seed)
   return Built(fns, init, abstract, shardings)
 
 
@@ -64,6 +66,8 @@ def initialise(built: Built, cfg: Config | None = None) -> TrainState:
   initialised (AdamW's moments start at zero either way)."""
   if cfg is None or not any(dataclasses.astuple(cfg.init)):
     return jax.jit(built.init, out_shardings=built.shardings)()
+  if cfg.lora.base_qtype != "none":
+    return _initialise_quantised(built, cfg)
   paths = {p for tree in (built.abstract.params, built.abstract.frozen)
            for p, _ in nnx.to_flat_state(tree)}
   if paths <= hf_import.covered(cfg.init, cfg.model):
@@ -78,12 +82,35 @@ def initialise(built: Built, cfg: Config | None = None) -> TrainState:
   return state.replace(params=params, frozen=frozen)
 
 
+def _initialise_quantised(built: Built, cfg: Config) -> TrainState:
+  """Hugging Face folders hold float kernels: read them into the unquantised twin of the
+  model (same paths, same adapters), then quantise its frozen base kernel by kernel."""
+  fp_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, base_qtype="none"))
+  mesh = jax.tree.leaves(built.shardings)[0].mesh
+  fp = initialise(build(fp_cfg, mesh), fp_cfg)
+  frozen = base.quantize_frozen(fp.frozen, built.abstract.frozen, built.shardings.frozen, cfg)
+  return fp.replace(frozen=frozen)  # trainable params and optimizer state are the same
+
+
+def restore(built: Built, cfg: Config, ckpt: Checkpointer, step: int, data=None
+            ) -> TrainState:
+  """The train state at checkpoint `step` (and the data position, with `data`). A LoRA
+  checkpoint has no base: it is rebuilt from its source and must match the fingerprint."""
+  target = restore_target(built.abstract, built.shardings)
+  if not base.saves_base(cfg):
+    return ckpt.restore(step, target, data)
+  fresh = initialise(built, cfg)
+  state, saved = ckpt.restore(step, target.replace(frozen=None), data, with_base=True)
+  base.check(saved, fresh.frozen, cfg, f"{ckpt.directory} step {step}")
+  return state.replace(frozen=fresh.frozen)
+
+
 def param_counts(abstract: TrainState) -> dict[str, int]:
   """Parameters per top-level module (towers/<m>, projectors/<m>, decoder) and trainable."""
   counts: dict[str, int] = {}
   for group, tree in (("trainable", abstract.params), ("frozen", abstract.frozen)):
     for path, v in nnx.to_flat_state(tree):
-      n = int(np.prod(v.shape))
+      n = quant.stored_params(str(path[-1]), int(np.prod(v.shape)))
       module = _module(path)
       counts[module] = counts.get(module, 0) + n
       counts[group] = counts.get(group, 0) + n

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from mm_jax.models import lora
+
 
 @struct.dataclass
 class TrainState:
@@ -33,11 +35,16 @@ class StepFns:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   grad_accum: int = 1
+  dropout_seed: int | None = None  # None: no dropout anywhere (LoRA dropout is 0)
 
 
-def token_losses(fns: StepFns, params, frozen, batch) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross entropy float32[B, T] and logits float32[B, T, V]."""
+def token_losses(fns: StepFns, params, frozen, batch, dropout_key=None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross entropy float32[B, T] and logits float32[B, T, V]. With
+  `dropout_key` the LoRA adapters' dropout is on (training); without, it is off."""
   model = nnx.merge(fns.graphdef, params, frozen)
+  if dropout_key is not None:
+    lora.set_dropout_keys(model, dropout_key)
   logits = model(batch)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   return ce, logits
@@ -57,8 +64,12 @@ def train_step(fns: StepFns, state: TrainState, batch: dict) -> tuple[TrainState
   mask = batch["loss_mask"]
   n_loss = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
 
-  def micro_loss(params, micro):
-    ce, logits = token_losses(fns, params, state.frozen, micro)
+  def micro_loss(params, micro, index):
+    key = None
+    if fns.dropout_seed is not None:  # a pure function of (seed, step, micro-batch)
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(fns.dropout_seed),
+                                                  state.step), index)
+    ce, logits = token_losses(fns, params, state.frozen, micro, key)
     m = micro["loss_mask"]
     correct = ((logits.argmax(-1) == micro["targets"]) & m).sum()
     # where, not multiply: targets under placeholders may lie outside the vocabulary (NaN ce)
@@ -66,15 +77,17 @@ def train_step(fns: StepFns, state: TrainState, batch: dict) -> tuple[TrainState
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if fns.grad_accum == 1:
-    (loss, correct), grads = grad_fn(state.params, batch)
+    (loss, correct), grads = grad_fn(state.params, batch, 0)
   else:
-    def body(carry, micro):
-      (loss_a, c), g = grad_fn(state.params, micro)
+    def body(carry, xs):
+      micro, index = xs
+      (loss_a, c), g = grad_fn(state.params, micro, index)
       acc_l, acc_c, acc_g = carry
       return (acc_l + loss_a, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
-    (loss, correct, grads), _ = jax.lax.scan(body, init, _microbatches(batch, fns.grad_accum))
+    xs = (_microbatches(batch, fns.grad_accum), jnp.arange(fns.grad_accum))
+    (loss, correct, grads), _ = jax.lax.scan(body, init, xs)
 
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -161,7 +161,6 @@ def test_lora_stages_and_errors(preset):
   assert cfg.optim.lr == (2e-3 if preset == "tiny" else 2e-4)  # tiny keeps its own lr
   with pytest.raises(ValueError, match=r"config\.lora\.rank"):
     lora_config(preset=preset, **{"lora.rank": 0})
-  with pytest.raises(ValueError, match=r"config\.lora\.base_qtype"):  # QLoRA: not yet
-    lora_config("finetune_qlora", preset=preset)
+  assert lora_config("finetune_qlora", preset=preset).lora.base_qtype == "nf4"
   with pytest.raises(ValueError, match=r"config\.lora\.targets\[0\]"):
     lora_config(preset=preset, **{"lora.targets": ("(",)})

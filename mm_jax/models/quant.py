@@ -1,0 +1,102 @@
+"""Block-wise quantised storage for frozen Dense kernels (the QLoRA base).
+
+A kernel float[*in, *out] is viewed as [I, *out] (I = prod(in)) and cut into blocks of
+`block` consecutive input rows per output column, as bitsandbytes blocks a torch Linear
+weight [out, in] along `in`. Each block stores its absmax as a float32 scale and its
+values as codes:
+  nf4   4-bit indices into the NormalFloat4 table (Dettmers et al. 2023, "QLoRA"), two per
+        uint8 along I: codes uint8[I / 2, *out], scales float32[I / block, *out]
+  int8  round(127 x / absmax): codes int8[I, *out], scales float32[I / block, *out]
+Flattening the input dims keeps the sharding: splitting I into k contiguous chunks is
+the same split as splitting the first input dim k ways, so codes and scales carry the
+kernel's axis names with the input dims collapsed onto the first one.
+
+Codes and scales are `QuantKernel` variables, not `nnx.Param`: no filter can ever make
+them trainable. They are dequantised in the forward pass, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+QTYPES = ("nf4", "int8")
+
+# The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1] with an exact zero, as
+# published with QLoRA and used by bitsandbytes (so our codes mean the same values).
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+
+
+class QuantKernel(nnx.Variable):
+  """Quantised codes or block scales of a frozen kernel (never trained)."""
+
+
+def code_name(qtype: str) -> str:
+  return f"kernel_{qtype}"
+
+
+def check_shape(shape: tuple[int, ...], n_in: int, block: int, where: str) -> None:
+  """Raises ValueError naming `where` if the kernel cannot be cut into whole blocks."""
+  rows = math.prod(shape[:n_in])
+  if block % 2 or rows % block:
+    raise ValueError(f"{where}: input size {rows} (kernel {shape}) is not a multiple of the "
+                     f"quantisation block {block} (which must be even)")
+
+
+def quantize(kernel: jax.Array, n_in: int, qtype: str, block: int
+             ) -> tuple[jax.Array, jax.Array]:
+  """float[*in, *out] -> (codes, scales) as described in the module docstring."""
+  out_shape = kernel.shape[n_in:]
+  rows = math.prod(kernel.shape[:n_in])
+  w = kernel.astype(jnp.float32).reshape(rows // block, block, *out_shape)
+  absmax = jnp.abs(w).max(axis=1)  # [I / block, *out]
+  scale = jnp.where(absmax > 0, absmax, 1.0)
+  x = w / scale[:, None]  # in [-1, 1]
+  if qtype == "int8":
+    codes = jnp.round(x * 127).astype(jnp.int8).reshape(rows, *out_shape)
+    return codes, absmax
+  if qtype != "nf4":
+    raise ValueError(f"unknown qtype {qtype!r}; expected one of {QTYPES}")
+  # Nearest level: the levels are sorted, so count the midpoints below x.
+  mids = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
+  idx = (x[..., None] > mids).sum(-1).astype(jnp.uint8).reshape(rows // 2, 2, *out_shape)
+  return idx[:, 0] | (idx[:, 1] << 4), absmax
+
+
+def dequantize(codes: jax.Array, scales: jax.Array, n_in: int, in_shape: tuple[int, ...],
+               qtype: str, dtype) -> jax.Array:
+  """(codes, scales) -> kernel[*in_shape, *out] in `dtype`."""
+  out_shape = codes.shape[1:]
+  rows = math.prod(in_shape)
+  blocks = scales.shape[0]
+  if qtype == "nf4":
+    lo, hi = codes & 0xF, codes >> 4
+    idx = jnp.stack([lo, hi], axis=1).reshape(rows, *out_shape)
+    x = jnp.asarray(NF4)[idx.astype(jnp.int32)]
+  else:
+    x = codes.astype(jnp.float32) / 127
+  w = x.reshape(blocks, rows // blocks, *out_shape) * scales[:, None].astype(jnp.float32)
+  return w.reshape(*in_shape, *out_shape).astype(dtype)
+
+
+def axes(kernel_axes: tuple, n_in: int) -> tuple:
+  """Logical axes of codes and scales: the input dims collapse onto the first one."""
+  return (kernel_axes[0], *kernel_axes[n_in:])
+
+
+def stored_params(name: str, size: int) -> int:
+  """Parameters a stored leaf named `name` with `size` elements represents: an nf4 byte
+  holds two, a scale none (it is overhead, counted in bytes only)."""
+  if name == code_name("nf4"):
+    return 2 * size
+  if name == "kernel_scale":
+    return 0
+  return size
