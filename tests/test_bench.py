@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["attention", "merge", "data", "generate"])
+@pytest.mark.parametrize("script", ["attention", "merge", "data", "generate", "lora"])
 def test_bench_smoke(script):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   r = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke"], cwd=ROOT, env=env,

@@ -24,9 +24,20 @@ _POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
 
 
 def wrap(call: Callable, remat: str) -> Callable:
-  """`call(block, *args)` under the remat mode's `nnx.remat` policy (unchanged for none)."""
+  """`call(block, *args)` under the remat mode's checkpoint policy (unchanged for none)."""
   if remat == "none":
     return call
   if remat not in _POLICIES:
     raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
-  return nnx.remat(call, policy=_POLICIES[remat])
+  policy = _POLICIES[remat]
+
+  # Plain jax.checkpoint over the block's split state, not nnx.remat: nnx.remat merges the
+  # block back inside the checkpoint trace, which flax 0.12.8 refuses for Variables made
+  # at an outer trace level (frozen parameters come from outside jax.grad:
+  # "TraceContextError: Cannot mutate Param from a different trace level"). The block
+  # does not mutate its state, so nothing has to flow back out.
+  def run(block, *args):
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda s, *a: call(nnx.merge(graphdef, s), *a), policy=policy)(
+        state, *args)
+  return run

@@ -53,7 +53,6 @@ def train(cfg: Config, workdir: str) -> dict:
   """Trains to `cfg.train.steps`, resuming from the latest checkpoint in `workdir`."""
   mesh = sharding.make_mesh(cfg.mesh)
   check_batch(cfg, mesh)
-  write_config(cfg, workdir)
   built = state_lib.build(cfg, mesh)
   spec, total = row_spec(cfg), cfg.train.steps
   stats = skips.SkipStats()
@@ -70,6 +69,8 @@ def train(cfg: Config, workdir: str) -> dict:
     # A LoRA run's checkpoints hold the fingerprint of its frozen base, not the base.
     base = ({"fingerprint": base_lib.fingerprint(state.frozen), "source": base_lib.source(cfg)}
             if base_lib.saves_base(cfg) else None)
+  # Only now: a refused resume (another base, a bad checkpoint) leaves the run's record.
+  write_config(cfg, workdir)
   batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
   step_fn = jax.jit(functools.partial(train_step, built.fns),
                     in_shardings=(built.shardings, batch_sh),

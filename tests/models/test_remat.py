@@ -63,3 +63,27 @@ def test_unknown_remat_mode_names_the_key():
     tiny_config(**{"model.remat": "some"})
   with pytest.raises(ConfigError, match="config.model.remat: expected str"):
     from_config_dict({"model": {"remat": True}})  # the old bool: say what it takes now
+
+
+def test_remat_with_frozen_modules_under_grad():
+  """The train step's situation: frozen parameters enter from outside jax.grad (they are
+  jit arguments, not differentiated). nnx.remat refused this in flax 0.12.8
+  (TraceContextError), so every big preset's pretrain/finetune stage failed to step."""
+  cfg = tiny_config(**{"model.remat": "full"})
+  batch = next(pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=2, seed=0))
+  batch = jax.tree.map(jnp.asarray, batch)
+  model = MultimodalModel(resolve_backends(cfg.model), rngs=nnx.Rngs(0))
+  towers = nnx.PathContains("towers")
+  graphdef, frozen, params = nnx.split(model, nnx.All(nnx.Param, towers), ...)
+
+  @jax.jit
+  def step(params, frozen):
+    def loss(params):
+      logits = nnx.merge(graphdef, frozen, params)(batch)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+      return jnp.where(batch["loss_mask"], ce, 0.0).sum()
+    return jax.value_and_grad(loss)(params)
+
+  value, grads = step(params, frozen)
+  assert np.isfinite(float(value))
+  assert not any("towers" in "/".join(map(str, p)) for p, _ in nnx.to_flat_state(grads))
