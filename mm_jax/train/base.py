@@ -99,7 +99,7 @@ def quantize_frozen(fp_frozen: nnx.State, abstract: nnx.State, shardings: nnx.St
     scale_path = module + ("kernel_scale",)
     fn = jax.jit(functools.partial(quant.quantize, n_in=n_in, qtype=cfg.lora.base_qtype,
                                    block=cfg.lora.block_size),
-                 out_shardings=(sh[path][...], sh[scale_path][...]))
+                 out_shardings=(sh[path].get_value(), sh[scale_path].get_value()))
     codes, scales = fn(kernel)
     kernel.delete()
     out.append((path, var.replace(codes)))

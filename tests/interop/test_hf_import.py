@@ -194,3 +194,32 @@ def test_init_config_validation_and_tokenizer_default(tmp_path):
   assert tiny_config(**{"init.decoder_from_hf": str(tmp_path)}).data.tokenizer == str(tmp_path)
   assert tiny_config(**{"init.decoder_from_hf": str(tmp_path),
                         "data.tokenizer": "/t"}).data.tokenizer == "/t"
+
+
+@pytest.mark.parametrize("qtype", ["nf4"])
+def test_qlora_base_from_hf_is_quantised_kernel_by_kernel(llava_dir, qtype):
+  """config.init + a quantised base: the folder's float kernels are read into the float
+  twin, then quantised; codes equal quantising the float import, the rest is unchanged."""
+  from mm_jax.models import quant
+
+  folder, ref = llava_dir
+  over = {"init.llava_from_hf": folder, "lora.rank": 4, "lora.base_qtype": qtype,
+          "lora.block_size": 16, "optim.freeze": (r"^towers/", r"^decoder/")}
+  cfg = llava_cfg(ref, **over)
+  float_cfg = llava_cfg(ref, **{**over, "lora.base_qtype": "none"})
+  mesh = sharding.make_mesh(cfg.mesh)
+  q = leaves(state_lib.initialise(state_lib.build(cfg, mesh), cfg).frozen)
+  f = leaves(state_lib.initialise(state_lib.build(float_cfg, mesh), float_cfg).frozen)
+  code = quant.code_name(qtype)
+  assert ("decoder", "layers", 0, "q", code) in q and ("decoder", "layers", 0, "q", "kernel") in f
+  for path, var in q.items():
+    if path[-1] == "kernel_scale":
+      continue
+    if path[-1] == code:
+      kernel = f[path[:-1] + ("kernel",)][...]
+      want, scales = quant.quantize(kernel, kernel.ndim - var.ndim + 1, qtype, 16)
+      np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(want), err_msg=str(path))
+      np.testing.assert_array_equal(np.asarray(q[path[:-1] + ("kernel_scale",)][...]),
+                                    np.asarray(scales))
+    else:
+      np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(f[path][...]), str(path))
