@@ -25,6 +25,7 @@ from mm_jax.models.audio import AudioTower
 from mm_jax.models.audio_projector import AudioProjector
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.projector import Projector
+from mm_jax.models.timecode import TimeCode
 from mm_jax.models.vit import VisionTower
 
 
@@ -97,6 +98,8 @@ class MultimodalModel(nnx.Module):
       projectors["audio"] = AudioProjector(cfg.audio, d, **kw)
     self.towers, self.projectors = nnx.Dict(towers), nnx.Dict(projectors)
     self.decoder = Decoder(cfg.decoder, attention_impl=impl, remat=cfg.remat, **kw)
+    self.time_code = (TimeCode(cfg.video.num_frames, d, rngs=rngs, param_dtype=param_dtype)
+                      if cfg.time_code == "learned" else None)
     self.modalities = tuple(Modality(m, cfg.token_id(m), *MODALITY_KEYS[m]) for m in mods)
     self.video_pool = cfg.video.pool
     self.merge_impl = cfg.merge
@@ -113,10 +116,14 @@ class MultimodalModel(nnx.Module):
         features = pool_grid(self.towers[self.video_tower](frames), self.video_pool)
         rows = self.projectors[self.video_projector](features)
         rows = rows.reshape(items.shape[0], -1, rows.shape[-1])  # [Mv, F * P', D]
+        if self.time_code is not None:
+          rows = self.time_code.video(rows, items.shape[1])
       else:  # audio: [Ma, L, n_mels] and each clip's frame count
         frames = jnp.arange(items.shape[1])[None, :] < batch["audio_frames"][:, None]
         x, out_valid = self.towers["audio"](items, frames & valid[:, None])
         rows = self.projectors["audio"](x)
+        if self.time_code is not None:
+          rows = self.time_code.audio(rows, out_valid)
         return rows.reshape(-1, rows.shape[-1]), out_valid.reshape(-1)
     row_valid = jnp.repeat(valid, rows.shape[1])
     return rows.reshape(-1, rows.shape[-1]), row_valid
