@@ -26,7 +26,7 @@ _PRESETS = {
             # 3 layers: binding needs two attention hops (when was the asked tone, what
             # flashed then) on top of reading the question; 2 layers leave no slack. Not
             # enough yet: binding and xor stay at chance (README, MIMO).
-            decoder=dict(vocab_size=48, width=128, depth=3, heads=4, kv_heads=2, mlp_dim=256),
+            decoder=dict(vocab_size=64, width=128, depth=3, heads=4, kv_heads=2, mlp_dim=256),
             # pool 4: 2x2 tokens per 32 px frame (a 10 px square still dominates its
             # quarter). Step time is mostly the vision tower, so pool 2 -> 4 only took the
             # step from 1.17 s to 0.98 s (1 core) while the decoder grew to 3 layers.
@@ -35,7 +35,7 @@ _PRESETS = {
                        max_source_positions=100, layer_norm_eps=1e-5, pool=2,
                        projector="mlp"),
             modalities=("video", "audio"), time_code="learned",
-            image_token_id=50, video_token_id=48, audio_token_id=49),
+            image_token_id=66, video_token_id=64, audio_token_id=65),
         # 1 + 16 video + 25 audio placeholders + question and answer: one sample per row.
         # Frames and sound interleaved by time slot, and each slot's rows carry its time
         # code (models/timecode.py): with all video before all audio the 2-layer decoder

@@ -13,8 +13,12 @@ Kinds (drawn uniformly) and their questions (template drawn uniformly):
   video    a moving shape; distractor sound (random tones, or a chirp).
            "what colour is the moving shape ?" -> colour
            "which way does the shape move ?" -> up | down | left | right
+           or two shapes of different colours flash in two different slots (as in binding);
+           distractor sound. "what colour flashed at time {k} ?" -> colour (k: one, two...)
   audio    one to three beeps of one pitch; distractor moving shape.
            "is the tone high or low ?" -> high | low;  "how many beeps ?" -> one | two | three
+           or a high and a low tone in two different slots (as in binding); distractor
+           moving shape. "when was the high|low tone ?" -> one | two | ... (the slot)
   binding  two shapes of different colours flash in two different slots; a high tone sounds
            in one of those slots and a low tone in the other, which one uniformly.
            "which colour flashed during the high|low tone ?" -> colour. From video alone it
@@ -22,6 +26,11 @@ Kinds (drawn uniformly) and their questions (template drawn uniformly):
   xor      a shape moves up or down and the chirp rises or falls, independently and
            uniformly. "do the shape and the sound go the same way ?" -> yes (up with rising,
            down with falling) | no: exactly 50% from either modality alone.
+
+The two timing questions ("at time k", "when was") are the halves of binding, each
+answerable from one modality: they teach the model to read *when* from frames and from
+sound, so that binding only has to compose the two (measured: without them the tiny
+model stayed at chance on binding; see configs/mimo.py).
 
 Held out of "train" (and drawn as often as any other combination in "eval"): moving shapes
 whose (colour, direction) is in HELD_OUT_MOVES, and flashing colour pairs in HELD_OUT_PAIRS.
@@ -48,6 +57,7 @@ COLOURS = ("red", "green", "blue", "yellow")  # the four most distinct of synthe
 DIRECTIONS = ("up", "down", "left", "right")
 PITCHES = {"low": 300.0, "high": 1500.0}  # Hz
 CHIRPS = ("rising", "falling")
+SLOT_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")  # time k
 HELD_OUT_MOVES = frozenset({("red", "up"), ("green", "down"), ("blue", "left"),
                             ("yellow", "right")})
 HELD_OUT_PAIRS = frozenset({frozenset({"red", "blue"}), frozenset({"green", "yellow"})})
@@ -56,11 +66,14 @@ QUESTIONS = {
     "direction": "which way does the shape move ?".split(),
     "pitch": "is the tone high or low ?".split(),
     "count": "how many beeps ?".split(),
+    "flash_at": "what colour flashed at time {} ?".split(),  # {}: a slot word
+    "tone_when": "when was the {} tone ?".split(),  # {}: high | low
     "binding": "which colour flashed during the {} tone ?".split(),  # {}: high | low
     "xor": "do the shape and the sound go the same way ?".split(),
 }
 WORDS = tuple(sorted({w for q in QUESTIONS.values() for w in q if w != "{}"}
                      | set(COLOURS) | set(DIRECTIONS) | set(PITCHES) | set(COUNTS[:3])
+                     | set(SLOT_WORDS)
                      | {"yes", "no"}))
 AMPLITUDE, NOISE = 0.5, 0.005  # tones ~40 dB above the noise floor: clean, never silent
 
@@ -100,20 +113,38 @@ def _beeps(rng, num_slots: int, pitch: str | None = None) -> tuple:
   return tuple((pitch or _pick(rng, PITCHES), s) for s in slots)
 
 
+def _fill(template: str, word: str) -> list[str]:
+  return [word if w == "{}" else w for w in QUESTIONS[template]]
+
+
+def _two_slots(rng, num_slots: int) -> list[int]:
+  return [int(s) for s in rng.choice(num_slots, 2, replace=False)]
+
+
 def _video(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
-  latent["moving"] = _move(rng, split)
+  template = _pick(rng, ("colour", "direction", "flash_at"))
   if rng.integers(2):  # the sound is a distractor here
     latent["chirp"] = _pick(rng, CHIRPS)
   else:
     latent["tones"] = _beeps(rng, num_slots)
-  template = _pick(rng, ("colour", "direction"))
-  return QUESTIONS[template], [latent["moving"][template == "direction"]]
+  if template != "flash_at":
+    latent["moving"] = _move(rng, split)
+    return QUESTIONS[template], [latent["moving"][template == "direction"]]
+  latent["flashes"] = tuple(zip(_pair(rng, split), _two_slots(rng, num_slots), strict=True))
+  colour, slot = latent["flashes"][int(rng.integers(2))]
+  return _fill("flash_at", SLOT_WORDS[slot]), [colour]
 
 
 def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
   latent["moving"] = _move(rng, split)  # a distractor
+  template = _pick(rng, ("pitch", "count", "tone_when"))
+  if template == "tone_when":
+    pitches = [str(p) for p in rng.permutation(list(PITCHES))]
+    latent["tones"] = tuple(zip(pitches, _two_slots(rng, num_slots), strict=True))
+    asked = _pick(rng, PITCHES)
+    return _fill("tone_when", asked), [SLOT_WORDS[dict(latent["tones"])[asked]]]
   latent["tones"] = _beeps(rng, num_slots, _pick(rng, PITCHES))
-  if rng.integers(2):
+  if template == "pitch":
     return QUESTIONS["pitch"], [latent["tones"][0][0]]
   return QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]
 
@@ -121,13 +152,12 @@ def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
 def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
   # Colours, slots and the high/low assignment are independent draws: given the frames,
   # either colour is the high one with probability 1/2.
-  colours, slots = _pair(rng, split), [int(s) for s in rng.choice(num_slots, 2, replace=False)]
+  colours, slots = _pair(rng, split), _two_slots(rng, num_slots)
   pitches = [str(p) for p in rng.permutation(list(PITCHES))]
   latent["flashes"] = tuple(zip(colours, slots, strict=True))
   latent["tones"] = tuple(zip(pitches, slots, strict=True))
   asked = _pick(rng, PITCHES)
-  return [asked if w == "{}" else w for w in QUESTIONS["binding"]], [
-      colours[pitches.index(asked)]]
+  return _fill("binding", asked), [colours[pitches.index(asked)]]
 
 
 def _xor(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
@@ -209,8 +239,9 @@ def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: i
             sample_rate: int = 16000, clip_seconds: float = 1.0) -> dict:
   """Sample `index` of `split`: {"id", "frames": uint8[F, S, S, 3], "waveform": float32[N],
   "prompt", "answer", "kind", "latent"}, N = clip_seconds * sample_rate."""
-  if num_frames < 2:
-    raise ValueError(f"num_frames={num_frames}: motion and binding need at least 2 slots")
+  if not 2 <= num_frames <= len(SLOT_WORDS):
+    raise ValueError(f"num_frames={num_frames}: motion and binding need at least 2 slots, "
+                     f"and time words exist for {len(SLOT_WORDS)}")
   rng = np.random.default_rng((seed, SPLITS[split], index))
   kind = _pick(rng, KINDS)
   latent, question, answer = draw_scene(kind, rng, split, num_frames)

@@ -143,7 +143,8 @@ def test_chirp_rises_or_falls():
 
 
 def test_moving_shape_centroid_is_monotone():
-  for ex in _of_kind("video")[:30] + _of_kind("xor")[:30]:
+  moving = [ex for ex in _of_kind("video") if ex["latent"]["moving"]]
+  for ex in moving[:30] + _of_kind("xor")[:30]:
     colour, direction = ex["latent"]["moving"]
     axis = 0 if direction in ("up", "down") else 1
     centroids = []
@@ -158,12 +159,38 @@ def test_moving_shape_centroid_is_monotone():
 
 
 def test_video_and_audio_answers_match_latent():
-  for ex in _of_kind("video")[:50]:
+  templates = collections.Counter()
+  for ex in _of_kind("video")[:200]:
+    question = " ".join(ex["prompt"][2:])
+    if "flashed at time" in question:  # the slot asked about, read from the frames alone
+      templates["flash_at"] += 1
+      (c1, s1), (c2, s2) = ex["latent"]["flashes"]
+      assert c1 != c2 and s1 != s2 and ex["latent"]["moving"] is None
+      slot = av.SLOT_WORDS.index(ex["prompt"][-2])
+      assert slot in (s1, s2) and ex["answer"] == [c1 if slot == s1 else c2]
+      assert (ex["frames"][slot] == RGB[ex["answer"][0]]).all(-1).sum() > 0
+      continue
+    templates[question] += 1
     colour, direction = ex["latent"]["moving"]
     assert ex["answer"] == [colour if "colour" in ex["prompt"] else direction]
-  for ex in _of_kind("audio")[:50]:
-    pitches = {p for p, _ in ex["latent"]["tones"]}
-    assert len(pitches) == 1 and 1 <= len(ex["latent"]["tones"]) <= 3
-    want = pitches.pop() if "high" in ex["prompt"] else ("one", "two", "three")[
-        len(ex["latent"]["tones"]) - 1]
+  for ex in _of_kind("audio")[:200]:
+    tones = ex["latent"]["tones"]
+    if ex["prompt"][2] == "when":  # which slot held the asked pitch, from sound alone
+      templates["tone_when"] += 1
+      assert sorted(p for p, _ in tones) == ["high", "low"] and tones[0][1] != tones[1][1]
+      assert ex["answer"] == [av.SLOT_WORDS[dict(tones)[ex["prompt"][-3]]]]
+      continue
+    pitches = {p for p, _ in tones}
+    assert len(pitches) == 1 and 1 <= len(tones) <= 3
+    want = pitches.pop() if "high" in ex["prompt"] else ("one", "two", "three")[len(tones) - 1]
     assert ex["answer"] == [want]
+  assert len(templates) == 4 and min(templates.values()) > 20, templates
+
+
+def test_timing_answers_cover_every_slot():
+  # "at time k" and "when was" answers use every slot: neither is a constant to memorise.
+  answers = collections.defaultdict(set)
+  for ex in _of_kind("video") + _of_kind("audio"):
+    if "time" in ex["prompt"] or ex["prompt"][2] == "when":
+      answers[ex["kind"]].add(ex["prompt"][-2] if ex["kind"] == "video" else ex["answer"][0])
+  assert answers == {k: set(av.SLOT_WORDS[:FRAMES]) for k in ("video", "audio")}
