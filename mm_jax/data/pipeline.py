@@ -35,7 +35,7 @@ from mm_jax.config import DataConfig, ModelConfig
 from mm_jax.data import audio, media, skips, synthetic, synthetic_av
 from mm_jax.data.errors import BadRecord
 from mm_jax.data.text import AUDIO_TAG, VIDEO_TAG, Encoded, WordTokenizer, render
-from mm_jax.models.timecode import audio_slots
+from mm_jax.timeslots import audio_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +253,7 @@ def av_tags(words: list[str], spec: RowSpec, audio_tokens: list[int], *, interle
   if not interleave or len(audio_tokens) != 1 or words[:2] != pair:
     return words, tags
   f, n = spec.num_frames, audio_tokens[0]
-  # Audio tokens per slot as the time codes count them (models/timecode.audio_slots).
+  # Audio tokens per slot as the time codes count them (mm_jax/timeslots.py).
   per_slot = np.bincount(audio_slots(np.arange(n), n, f), minlength=f)
   tags = {VIDEO_TAG: (video[0], video[1] // f),
           AUDIO_TAG: (spec.audio_token_id, [int(c) for c in per_slot])}

@@ -18,17 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mm_jax.models.layers import param
-
-
-def audio_slots(index, num_valid, slots: int):
-  """Slot of audio token `index` of a clip with `num_valid` tokens: floor of its centre
-  (index + 1/2) / num_valid times `slots`, clipped to the last slot (padding tokens).
-  index: an int array (numpy or jax); num_valid >= 1, broadcasting against it.
-
-  Integer arithmetic, so numpy (data/pipeline.av_tags) and jax agree exactly. E.g. 25
-  tokens, 4 slots: tokens 0-5 -> 0, 6-11 -> 1, 12-18 -> 2, 19-24 -> 3.
-  """
-  return (((2 * index + 1) * slots) // (2 * num_valid)).clip(0, slots - 1)
+from mm_jax.timeslots import audio_slots
 
 
 class TimeCode(nnx.Module):

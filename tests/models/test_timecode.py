@@ -8,7 +8,7 @@ from flax import nnx
 
 from mm_jax.data import pipeline
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
-from mm_jax.models.timecode import audio_slots
+from mm_jax.timeslots import audio_slots
 
 
 def test_audio_slots_split_a_clip_by_token_centres():

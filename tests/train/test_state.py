@@ -13,12 +13,12 @@ def test_grouped_init_gives_the_same_bits_in_the_same_shardings(monkeypatch):
   mesh = sharding.make_mesh(cfg.mesh)
   built = state.build(cfg, mesh)
   whole = state.random_init(built)  # under the threshold: one jit
-  monkeypatch.setattr(state, "_CPU_INIT_GROUP_BYTES", 128 << 10)  # of 1.3 MB a device
+  monkeypatch.setattr(state, "_CPU_INIT_GROUP_BYTES", 256 << 10)  # of 1.3 MB a device
   calls = []
   real_jit = jax.jit
   monkeypatch.setattr(jax, "jit", lambda *a, **k: calls.append(1) or real_jit(*a, **k))
   grouped = state.random_init(built)
-  assert len(calls) > 5  # it really split the state
+  assert len(calls) >= 4  # it really split the state
   for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(whole),
                              jax.tree.leaves(grouped), jax.tree.leaves(built.shardings),
                              strict=True):
