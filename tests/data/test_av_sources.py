@@ -68,6 +68,7 @@ def _config(root, ids, **overrides):
     "data.json": str(root / "records.json"), "data.image_dir": str(root),
     "data.tokenizer": str(root / "tokenizer.json"), "data.seq_len": 400,
     "data.audios_per_sample": 2, "data.tfds_dir": str(root / "tfds"),
+    "model.video.num_frames": 4,  # the 4 colours of the clips written above
     **{f"model.{m}_token_id": i for m, i in ids.items()}, **overrides})
 
 

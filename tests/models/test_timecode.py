@@ -25,7 +25,7 @@ def test_audio_slots_split_a_clip_by_token_centres():
 
 
 def test_interleaved_placeholders_follow_the_same_slots():
-  cfg = mimo_config()
+  cfg = mimo_config(**{"model.video.num_frames": 4})
   spec = pipeline.RowSpec.create(cfg.data, cfg.model)
   words, tags = pipeline.av_tags(["<video>", "<audio>", "hi"], spec, [25], interleave=True)
   assert words == ["<video>", "<audio>"] * 4 + ["hi"]
