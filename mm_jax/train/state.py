@@ -61,8 +61,8 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
   return Built(fns, init, abstract, shardings)
 
 
-# XLA's CPU scheduler runs every initializer before freeing any float32 temporary: one
-# jit over phi2's state (5.6 GB in bf16) peaked above 22.8 GB and was killed. Above this
+# XLA's CPU scheduler does not bound the initializers' live float32 temporaries: one jit
+# over phi2's state (5.6 GB in bf16) went past 22.8 GB and was killed. Above this
 # many bytes per device, CPU initialises the state in groups of leaves instead.
 _CPU_INIT_GROUP_BYTES = 1 << 30
 
