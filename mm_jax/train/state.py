@@ -62,20 +62,26 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
 
 
 # XLA's CPU scheduler does not bound the initializers' live float32 temporaries: one jit
-# over phi2's state (5.6 GB in bf16) went past 22.8 GB and was killed. Above this
-# many bytes per device, CPU initialises the state in groups of leaves instead.
+# over phi2's state (5.6 GB in bf16) went past 22.8 GB and was killed. Above this many
+# float32 bytes of parameters per device, CPU initialises the state in groups of leaves.
 _CPU_INIT_GROUP_BYTES = 1 << 30
+
+
+def _init_bytes(x: jax.ShapeDtypeStruct, sharding) -> int:
+  """float32 bytes a leaf's initializer makes per device: its values start as float32
+  whatever they are stored as, and a uint8 NF4 code byte holds two of them."""
+  per_value = 8 if x.dtype == np.uint8 else 4
+  return int(np.prod(sharding.shard_shape(x.shape))) * per_value
 
 
 def random_init(built: Built) -> TrainState:
   """The state from `built.init` in its shardings: one jit, or on CPU, for a big state,
-  one jit per group of leaves of about _CPU_INIT_GROUP_BYTES. `built.init` is traced
+  one jit per group of leaves of about _CPU_INIT_GROUP_BYTES (float32). `built.init` is traced
   once; each group's jit replays it keeping only its leaves (XLA drops the rest), so the
   values are the same bits either way, at a peak of one group's temporaries."""
   leaves, treedef = jax.tree.flatten(built.abstract)
   shards = treedef.flatten_up_to(built.shardings)
-  local = [np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-           for x, s in zip(leaves, shards, strict=True)]
+  local = [_init_bytes(x, s) for x, s in zip(leaves, shards, strict=True)]
   if jax.default_backend() != "cpu" or sum(local) <= _CPU_INIT_GROUP_BYTES:
     return jax.jit(built.init, out_shardings=built.shardings)()
   groups, size = [[]], 0.0
