@@ -89,6 +89,7 @@ def test_tiny_learns_well_above_chance(tmp_path):
 def test_mimo_trains_evaluates_per_kind_and_answers_a_clip(tmp_path):
   """configs/mimo.py:tiny end to end: train, eval per question kind, the drop_modality
   ablation, and --mode=generate on a written clip (.avi frames + .wav sound)."""
+  from mm_jax.data import synthetic_av
   from mm_jax.data.export import export_av_clips
 
   w = str(tmp_path / "w")
@@ -101,6 +102,9 @@ def test_mimo_trains_evaluates_per_kind_and_answers_a_clip(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.load(open(os.path.join(w, "eval_4_drop_audio.json")))
   assert set(result["accuracy"]) == {"video", "audio", "binding", "xor"}
+  # Per question too ("video/direction", ...): the kinds' totals are sums over these.
+  assert result["accuracy_by_question"] and set(result["accuracy_by_question"]) <= set(
+      synthetic_av.LABELS)
   assert result["drop_modality"] == "audio"
   clip = export_av_clips(str(tmp_path / "clips"), 1)[0]
   r = _main("--mode=generate", *args, f"--video={clip['video']}", f"--audio={clip['audio']}",

@@ -232,7 +232,7 @@ def synthetic_av_examples(data: DataConfig, spec: RowSpec, *, split: str
                           interleave=data.interleave_av)
     enc = render(tokenizer, words, sample["answer"], tags=tags)
     return to_example(sample["id"], enc, [], spec, videos=[sample["frames"]], audios=[mel],
-                      kind=synthetic_av.KINDS.index(sample["kind"]))
+                      kind=synthetic_av.LABELS.index(synthetic_av.label(sample)))
 
   return grain.MapDataset.range(n), guarded(make, lambda i: f"synthetic_av-{split}-{i}")
 
@@ -261,8 +261,9 @@ def av_tags(words: list[str], spec: RowSpec, audio_tokens: list[int], *, interle
 
 
 def kind_names(data: DataConfig) -> tuple[str, ...]:
-  """Names of the `kind` labels a source gives its samples (per-kind eval accuracy)."""
-  return {"synthetic": synthetic.KINDS, "synthetic_av": synthetic_av.KINDS}.get(data.source, ())
+  """Names of the `kind` labels a source gives its samples (per-kind eval accuracy). A name
+  "kind/question" is one question of a kind: eval reports it and the kind's total."""
+  return {"synthetic": synthetic.KINDS, "synthetic_av": synthetic_av.LABELS}.get(data.source, ())
 
 
 def source_examples(data: DataConfig, spec: RowSpec, *, split: str):

@@ -13,10 +13,14 @@ Kinds (drawn uniformly) and their questions (template drawn uniformly):
   video    a moving shape; distractor sound (random tones, or a chirp).
            "what colour is the moving shape ?" -> colour
            "which way does the shape move ?" -> up | down | left | right
+           or a shape moving up or down (as in xor); distractor sound.
+           "does the shape move up or down ?" -> up | down
            or two shapes of different colours flash in two different slots (as in binding);
            distractor sound. "what colour flashed at time {k} ?" -> colour (k: one, two...)
   audio    one to three beeps of one pitch; distractor moving shape.
            "is the tone high or low ?" -> high | low;  "how many beeps ?" -> one | two | three
+           or the chirp; distractor moving shape (up or down, as in xor).
+           "does the sound rise or fall ?" -> rising | falling
            or a high and a low tone in two different slots (as in binding); distractor
            moving shape. "when was the high|low tone ?" -> one | two | ... (the slot)
   binding  two shapes of different colours flash in two different slots; a high tone sounds
@@ -27,11 +31,16 @@ Kinds (drawn uniformly) and their questions (template drawn uniformly):
            uniformly. "do the shape and the sound go the same way ?" -> yes (up with rising,
            down with falling) | no: exactly 50% from either modality alone.
 
-The two timing questions ("at time k", "when was") are the halves of binding, each
-answerable from one modality: they ask the model to read *when* from frames and from
-sound, so that binding only has to compose the two. (Measured on the tiny preset: with 4
-slots binding stayed at chance with or without them; with 2 slots and them it reached
-0.7. README, MIMO.)
+The two timing questions ("at time k", "when was") are the halves of binding, and the
+vertical and sweep questions the halves of xor, each answerable from one modality. An xor
+label has no first-order correlation with either input alone, so a gradient on xor answers
+alone cannot teach the model to read either half: the halves are asked on their own so
+that the fused questions only have to compose features the model already reads. (Measured
+on the tiny preset: with 2 slots and the timing questions binding rose from chance to 0.7,
+while xor, whose audio half was never asked, stayed at chance. README, MIMO.)
+
+Every sample names its question template under "question" (the keys of QUESTIONS), and
+LABELS lists the "kind/question" labels that per-question eval accuracy reports.
 
 Held out of "train" (and drawn as often as any other combination in "eval"): moving shapes
 whose (colour, direction) is in HELD_OUT_MOVES, and flashing colour pairs in HELD_OUT_PAIRS.
@@ -65,17 +74,24 @@ HELD_OUT_PAIRS = frozenset({frozenset({"red", "blue"}), frozenset({"green", "yel
 QUESTIONS = {
     "colour": "what colour is the moving shape ?".split(),
     "direction": "which way does the shape move ?".split(),
+    "vertical": "does the shape move up or down ?".split(),
     "pitch": "is the tone high or low ?".split(),
     "count": "how many beeps ?".split(),
     "flash_at": "what colour flashed at time {} ?".split(),  # {}: a slot word
     "tone_when": "when was the {} tone ?".split(),  # {}: high | low
+    "sweep": "does the sound rise or fall ?".split(),
     "binding": "which colour flashed during the {} tone ?".split(),  # {}: high | low
     "xor": "do the shape and the sound go the same way ?".split(),
 }
 WORDS = tuple(sorted({w for q in QUESTIONS.values() for w in q if w != "{}"}
                      | set(COLOURS) | set(DIRECTIONS) | set(PITCHES) | set(COUNTS[:3])
-                     | set(SLOT_WORDS)
+                     | set(SLOT_WORDS) | set(CHIRPS)
                      | {"yes", "no"}))
+TEMPLATES = {"video": ("colour", "direction", "vertical", "flash_at"),
+             "audio": ("pitch", "count", "tone_when", "sweep"),
+             "binding": ("binding",), "xor": ("xor",)}
+# Per-question eval labels: "kind/question", or just the kind where it has one question.
+LABELS = tuple(k if len(t) == 1 else f"{k}/{q}" for k, t in TEMPLATES.items() for q in t)
 AMPLITUDE, NOISE = 0.5, 0.005  # tones ~40 dB above the noise floor: clean, never silent
 
 
@@ -122,35 +138,40 @@ def _two_slots(rng, num_slots: int) -> list[int]:
   return [int(s) for s in rng.choice(num_slots, 2, replace=False)]
 
 
-def _video(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
-  template = _pick(rng, ("colour", "direction", "flash_at"))
+def _video(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
+  template = _pick(rng, TEMPLATES["video"])
   if rng.integers(2):  # the sound is a distractor here
     latent["chirp"] = _pick(rng, CHIRPS)
   else:
     latent["tones"] = _beeps(rng, num_slots)
   if template != "flash_at":
-    latent["moving"] = _move(rng, split)
-    return QUESTIONS[template], [latent["moving"][template == "direction"]]
+    latent["moving"] = _move(rng, split, ("up", "down") if template == "vertical" else
+                            DIRECTIONS)
+    return template, QUESTIONS[template], [latent["moving"][template != "colour"]]
   latent["flashes"] = tuple(zip(_pair(rng, split), _two_slots(rng, num_slots), strict=True))
   colour, slot = latent["flashes"][int(rng.integers(2))]
-  return _fill("flash_at", SLOT_WORDS[slot]), [colour]
+  return template, _fill("flash_at", SLOT_WORDS[slot]), [colour]
 
 
-def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
+  template = _pick(rng, TEMPLATES["audio"])
+  if template == "sweep":  # xor's audio half, with xor's kind of distractor motion
+    latent["moving"] = _move(rng, split, ("up", "down"))
+    latent["chirp"] = _pick(rng, CHIRPS)
+    return template, QUESTIONS["sweep"], [latent["chirp"]]
   latent["moving"] = _move(rng, split)  # a distractor
-  template = _pick(rng, ("pitch", "count", "tone_when"))
   if template == "tone_when":
     pitches = [str(p) for p in rng.permutation(list(PITCHES))]
     latent["tones"] = tuple(zip(pitches, _two_slots(rng, num_slots), strict=True))
     asked = _pick(rng, PITCHES)
-    return _fill("tone_when", asked), [SLOT_WORDS[dict(latent["tones"])[asked]]]
+    return template, _fill("tone_when", asked), [SLOT_WORDS[dict(latent["tones"])[asked]]]
   latent["tones"] = _beeps(rng, num_slots, _pick(rng, PITCHES))
   if template == "pitch":
-    return QUESTIONS["pitch"], [latent["tones"][0][0]]
-  return QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]
+    return template, QUESTIONS["pitch"], [latent["tones"][0][0]]
+  return template, QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]
 
 
-def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
   # Colours, slots and the high/low assignment are independent draws: given the frames,
   # either colour is the high one with probability 1/2.
   colours, slots = _pair(rng, split), _two_slots(rng, num_slots)
@@ -158,26 +179,26 @@ def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]
   latent["flashes"] = tuple(zip(colours, slots, strict=True))
   latent["tones"] = tuple(zip(pitches, slots, strict=True))
   asked = _pick(rng, PITCHES)
-  return _fill("binding", asked), [colours[pitches.index(asked)]]
+  return "binding", _fill("binding", asked), [colours[pitches.index(asked)]]
 
 
-def _xor(latent: dict, rng, split: str, num_slots: int) -> tuple[list, list]:
+def _xor(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
   latent["moving"] = _move(rng, split, ("up", "down"))
   latent["chirp"] = _pick(rng, CHIRPS)
   same = (latent["moving"][1] == "up") == (latent["chirp"] == "rising")
-  return QUESTIONS["xor"], ["yes" if same else "no"]
+  return "xor", QUESTIONS["xor"], ["yes" if same else "no"]
 
 
-def draw_scene(kind: str, rng, split: str, num_slots: int) -> tuple[dict, list, list]:
-  """(latent, question words, answer words) of one `kind` sample. latent:
+def draw_scene(kind: str, rng, split: str, num_slots: int) -> tuple[dict, str, list, list]:
+  """(latent, question template, question words, answer words) of one `kind` sample. latent:
   "moving": (colour, direction) | None; "flashes": ((colour, slot), ...);
   "tones": ((pitch, slot), ...); "chirp": "rising" | "falling" | None."""
   if kind not in KINDS:
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
   latent = {"moving": None, "flashes": (), "tones": (), "chirp": None}
   make = {"video": _video, "audio": _audio, "binding": _binding, "xor": _xor}[kind]
-  question, answer = make(latent, rng, split, num_slots)
-  return latent, list(question), answer
+  template, question, answer = make(latent, rng, split, num_slots)
+  return latent, template, list(question), answer
 
 
 def draw_frames(latent: dict, rng, num_frames: int, size: int) -> np.ndarray:
@@ -239,16 +260,22 @@ def _ramp(n: int, sample_rate: int) -> np.ndarray:
 def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: int,
             sample_rate: int = 16000, clip_seconds: float = 1.0) -> dict:
   """Sample `index` of `split`: {"id", "frames": uint8[F, S, S, 3], "waveform": float32[N],
-  "prompt", "answer", "kind", "latent"}, N = clip_seconds * sample_rate."""
+  "prompt", "answer", "kind", "question", "latent"}, N = clip_seconds * sample_rate."""
   if not 2 <= num_frames <= len(SLOT_WORDS):
     raise ValueError(f"num_frames={num_frames}: motion and binding need at least 2 slots, "
                      f"and time words exist for {len(SLOT_WORDS)}")
   rng = np.random.default_rng((seed, SPLITS[split], index))
   kind = _pick(rng, KINDS)
-  latent, question, answer = draw_scene(kind, rng, split, num_frames)
+  latent, template, question, answer = draw_scene(kind, rng, split, num_frames)
   frames = draw_frames(latent, rng, num_frames, frame_size)
   waveform = synth_audio(latent, rng, int(round(clip_seconds * sample_rate)), num_frames,
                          sample_rate)
   return {"id": f"synthetic_av-{split}-{index}", "frames": frames, "waveform": waveform,
           "prompt": [VIDEO_TAG, AUDIO_TAG] + question, "answer": answer, "kind": kind,
-          "latent": latent}
+          "question": template, "latent": latent}
+
+
+def label(sample: dict) -> str:
+  """The sample's entry of LABELS."""
+  return sample["kind"] if len(TEMPLATES[sample["kind"]]) == 1 else \
+      f"{sample['kind']}/{sample['question']}"

@@ -163,11 +163,22 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
   result = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
             "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
             "eval/samples": int(sums["answers"])}
-  result.update({f"eval/accuracy/{name}": float(hits / n)
-                 for name, (hits, n) in zip(names, per_kind, strict=True) if n})
+  result.update(_accuracy_by_kind(names, per_kind))
   if cfg.eval.generate:
     result.update(generated_accuracy(cfg, built, state, spec))
   return result
+
+
+def _accuracy_by_kind(names: tuple[str, ...], counts: np.ndarray) -> dict[str, float]:
+  """eval/accuracy/<kind> for each kind, then eval/accuracy/<kind>/<question> where a kind's
+  labels name questions: counts int[labels, (exact, answers)]."""
+  kinds: dict[str, np.ndarray] = {}
+  for name, c in zip(names, counts, strict=True):
+    kinds[name.split("/")[0]] = kinds.get(name.split("/")[0], 0) + c
+  out = {f"eval/accuracy/{k}": float(hits / n) for k, (hits, n) in kinds.items() if n}
+  out.update({f"eval/accuracy/{name}": float(hits / n)
+              for name, (hits, n) in zip(names, counts, strict=True) if n and "/" in name})
+  return out
 
 
 def drop_modality(cfg: Config, local: dict) -> dict:
@@ -219,11 +230,12 @@ def evaluate(cfg: Config, workdir: str) -> dict:
   if jax.process_index() == 0:
     accuracy = {k.removeprefix("eval/accuracy/"): v for k, v in result.items()
                 if k.startswith("eval/accuracy/")}
+    by_question = {k: accuracy.pop(k) for k in list(accuracy) if "/" in k}
     # An ablation writes beside the plain result, never over it.
     drop = f"_drop_{cfg.eval.drop_modality}" if cfg.eval.drop_modality else ""
     with open(os.path.join(workdir, f"eval_{step}{drop}.json"), "w") as f:
-      json.dump({"step": step, "accuracy": accuracy, "drop_modality": cfg.eval.drop_modality,
-                 **result}, f, indent=2)
+      json.dump({"step": step, "accuracy": accuracy, "accuracy_by_question": by_question,
+                 "drop_modality": cfg.eval.drop_modality, **result}, f, indent=2)
     writer = metrics_lib.MetricsWriter(workdir)
     writer.write(step, result)
     writer.close()

@@ -123,7 +123,8 @@ def _peak_hz(segment: np.ndarray) -> float:
 
 def test_tone_slots_peak_at_their_pitch_and_silence_elsewhere():
   slot = SR // FRAMES
-  for ex in _of_kind("binding")[:20] + _of_kind("audio")[:20]:
+  tonal = [ex for ex in _of_kind("audio") if ex["latent"]["chirp"] is None]  # not "sweep"
+  for ex in _of_kind("binding")[:20] + tonal[:20]:
     wave = ex["waveform"]
     toned = dict((s, p) for p, s in ex["latent"]["tones"])
     for s in range(FRAMES):
@@ -170,11 +171,18 @@ def test_video_and_audio_answers_match_latent():
       assert slot in (s1, s2) and ex["answer"] == [c1 if slot == s1 else c2]
       assert (ex["frames"][slot] == RGB[ex["answer"][0]]).all(-1).sum() > 0
       continue
-    templates[question] += 1
+    templates[ex["question"]] += 1
     colour, direction = ex["latent"]["moving"]
     assert ex["answer"] == [colour if "colour" in ex["prompt"] else direction]
+    if ex["question"] == "vertical":  # xor's video half: only up or down
+      assert direction in ("up", "down")
   for ex in _of_kind("audio")[:200]:
     tones = ex["latent"]["tones"]
+    if ex["question"] == "sweep":  # xor's audio half: the chirp's direction, no tones
+      templates["sweep"] += 1
+      assert ex["answer"] == [ex["latent"]["chirp"]] and not tones
+      assert ex["latent"]["moving"][1] in ("up", "down")  # xor's distractor, not a cue
+      continue
     if ex["prompt"][2] == "when":  # which slot held the asked pitch, from sound alone
       templates["tone_when"] += 1
       assert sorted(p for p, _ in tones) == ["high", "low"] and tones[0][1] != tones[1][1]
@@ -184,7 +192,18 @@ def test_video_and_audio_answers_match_latent():
     assert len(pitches) == 1 and 1 <= len(tones) <= 3
     want = pitches.pop() if "high" in ex["prompt"] else ("one", "two", "three")[len(tones) - 1]
     assert ex["answer"] == [want]
-  assert len(templates) == 4 and min(templates.values()) > 20, templates
+  assert len(templates) == 6 and min(templates.values()) > 20, templates
+
+
+def test_question_labels():
+  # Each sample names its template; its label is one of LABELS, and every label occurs.
+  seen = collections.Counter(av.label(ex) for ex in _samples("train", 2000))
+  assert set(seen) == set(av.LABELS) and min(seen.values()) > 50, seen
+  for ex in _samples("train", 200):
+    assert ex["question"] in av.TEMPLATES[ex["kind"]]
+    words = av.QUESTIONS[ex["question"]]
+    assert [w for w in words if w != "{}"] == [w for w, t in zip(ex["prompt"][2:], words,
+                                                                  strict=True) if t != "{}"]
 
 
 def test_timing_answers_cover_every_slot():
