@@ -99,25 +99,22 @@ class Dense(nnx.Module):
     self.kernel = nnx.data(None)
     self.qtype = qtype
 
-  def base_kernel(self, x: jax.Array | None = None) -> jax.Array:
-    """The kernel float[*in, *out] in the compute dtype (dequantised if stored quantised).
-    With `x`, the layer's input, the dequantisation waits for it."""
+  def base_kernel(self) -> jax.Array:
+    """The kernel float[*in, *out] in the compute dtype (dequantised if stored quantised)."""
     if self.qtype is None:
       return self.kernel[...].astype(self.dtype)
     codes, scales = getattr(self, quant.code_name(self.qtype))[...], self.kernel_scale[...]
-    if x is not None:
-      # Nothing else orders it: XLA may otherwise dequantise every layer's kernel at the
-      # start of the step, holding the whole float base at once (phi2's QLoRA step on CPU
-      # ran out of 23 GiB, more than the bf16 base's pretrain step needed).
-      _, codes, scales = jax.lax.optimization_barrier((x, codes, scales))
     return quant.dequantize(codes, scales, self.n_in, self.in_shape, self.qtype, self.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.base_kernel(x)
     n = self.n_in
     x = x.astype(self.dtype)
     contract_in = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-    y = jax.lax.dot_general(x, kernel, contract_in)
+    if self.qtype is None:
+      y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), contract_in)
+    else:
+      codes = getattr(self, quant.code_name(self.qtype))[...]
+      y = quant.matmul(x, codes, self.kernel_scale[...], self.in_shape, self.qtype)
     if self.lora_a is not None:
       if self.lora_dropout and self.lora_key is not None:
         keep = jax.random.bernoulli(self.lora_key, 1.0 - self.lora_dropout, x.shape)

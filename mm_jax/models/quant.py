@@ -12,11 +12,14 @@ the same split as splitting the first input dim k ways, so codes and scales carr
 kernel's axis names with the input dims collapsed onto the first one.
 
 Codes and scales are `QuantKernel` variables, not `nnx.Param`: no filter can ever make
-them trainable. They are dequantised in the forward pass, one layer at a time.
+them trainable. `matmul` dequantises them in the forward pass, one layer at a time, and
+again in the backward pass: what it saves for the gradient is the codes, never the float
+kernel (as bitsandbytes' 4-bit matmul saves its quantised state).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -100,3 +103,53 @@ def stored_params(name: str, size: int) -> int:
   if name == "kernel_scale":
     return 0
   return size
+
+
+def _dequantize_after(dep: jax.Array, codes: jax.Array, scales: jax.Array, in_shape, qtype,
+                      dtype) -> jax.Array:
+  """dequantize, made to wait for `dep` (the layer's input, or in the backward pass its
+  output's cotangent) by a data dependency: dep's first value times zero added to the
+  scales. XLA cannot fold it (0 * x is NaN for x = inf or NaN: a poisoned input poisons
+  the output either way), so the forward and backward dequantisations can neither run
+  early nor be merged into one kernel kept alive in between. Without it XLA on CPU, which
+  strips optimization barriers and jax.checkpoint's before scheduling, did both for every
+  layer: phi2's QLoRA step needed 16 GiB of temporaries, most of them float kernels."""
+  zero = (dep.reshape(-1)[0] * 0).astype(scales.dtype)
+  return dequantize(codes, scales + zero, len(in_shape), in_shape, qtype, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, in_shape: tuple[int, ...],
+           qtype: str) -> jax.Array:
+  """x float[..., *in] . dequantize(codes, scales) -> float[..., *out], in x's dtype.
+
+  The gradient reaches x only (codes and scales are frozen). The backward pass dequantises
+  the kernel again once the output's cotangent exists, so neither pass holds more than
+  the kernels of the layers it is working on.
+  """
+  return _forward(x, codes, scales, in_shape, qtype)[0]
+
+
+def _contract(x: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
+  """Contracts x's trailing n dims with kernel's leading n dims."""
+  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
+                                         ((), ())))
+
+
+def _forward(x, codes, scales, in_shape, qtype):
+  kernel = _dequantize_after(x, codes, scales, in_shape, qtype, x.dtype)
+  return _contract(x, kernel, len(in_shape)), (codes, scales)
+
+
+def _backward(in_shape, qtype, residuals, g):
+  codes, scales = residuals
+  kernel = _dequantize_after(g, codes, scales, in_shape, qtype, g.dtype)
+  n_in = len(in_shape)
+  out_dims = tuple(range(n_in, kernel.ndim))
+  dx = jax.lax.dot_general(g, kernel, ((tuple(range(g.ndim - len(out_dims), g.ndim)),
+                                        out_dims), ((), ())))
+  # Integer codes take float0 cotangents; the scales' zeros are never used (frozen).
+  return dx, np.zeros(codes.shape, jax.dtypes.float0), jnp.zeros_like(scales)
+
+
+matmul.defvjp(_forward, _backward)

@@ -65,3 +65,22 @@ def test_quantised_dense_uses_the_dequantised_kernel():
   want = jnp.einsum("btd,dnh->btnh", x, dense.base_kernel()) + dense.bias[...]
   np.testing.assert_allclose(np.asarray(dense(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(dense.base_kernel() - kernel)).max() < np.abs(kernel).max() / 100
+
+
+@pytest.mark.parametrize("qtype", quant.QTYPES)
+@pytest.mark.parametrize("in_shape,out_shape", [((64,), (4, 8)), ((4, 32), (24,))])
+def test_matmul_gradient_is_the_dequantised_kernels(qtype, in_shape, out_shape):
+  """quant.matmul's own backward (dequantise again, contract with the cotangent) gives the
+  gradient autodiff gives through the dequantised kernel."""
+  w = jax.random.normal(jax.random.key(2), in_shape + out_shape) * 0.02
+  codes, scales = quant.quantize(w, len(in_shape), qtype, 32)
+  x = jax.random.normal(jax.random.key(3), (2, 3, *in_shape))
+  t = jax.random.normal(jax.random.key(4), (2, 3, *out_shape))
+  kernel = quant.dequantize(codes, scales, len(in_shape), in_shape, qtype, jnp.float32)
+  n = len(in_shape)
+  dims = ((tuple(range(2, 2 + n)), tuple(range(n))), ((), ()))
+  plain = lambda x: (jax.lax.dot_general(x, kernel, dims) * t).sum()
+  ours = jax.jit(lambda x: (quant.matmul(x, codes, scales, in_shape, qtype) * t).sum())
+  np.testing.assert_allclose(float(ours(x)), float(plain(x)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(ours)(x)), np.asarray(jax.grad(plain)(x)),
+                             rtol=1e-5, atol=1e-6)
