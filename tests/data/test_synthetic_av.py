@@ -79,6 +79,19 @@ def test_held_out_only_in_eval():
       av.DIRECTIONS)
 
 
+def test_colour_does_not_predict_vertical_motion_in_train():
+  # xor, "vertical" and "sweep" draw up or down only: there, in train, each colour must
+  # move up half the time, or colour would stand in for the motion the model must see.
+  vertical = collections.defaultdict(list)
+  for ex in _samples("train", 2000):
+    if ex["kind"] == "xor" or ex.get("question") in ("vertical", "sweep"):
+      colour, direction = ex["latent"]["moving"]
+      vertical[colour].append(direction == "up")
+  assert set(vertical) == set(av.COLOURS)
+  for colour, up in vertical.items():
+    assert _close(np.mean(up), len(up)), (colour, np.mean(up), len(up))
+
+
 def test_xor_answer_independent_of_each_modality():
   xor = _of_kind("xor")
   for ex in xor:  # the exact 2x2 construction
