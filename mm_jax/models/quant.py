@@ -108,14 +108,21 @@ def stored_params(name: str, size: int) -> int:
 def _dequantize_after(dep: jax.Array, codes: jax.Array, scales: jax.Array, in_shape, qtype,
                       dtype) -> jax.Array:
   """dequantize, made to wait for `dep` (the layer's input, or in the backward pass its
-  output's cotangent) by a data dependency: dep's first value times zero added to the
-  scales. XLA cannot fold it (0 * x is NaN for x = inf or NaN: a poisoned input poisons
-  the output either way), so the forward and backward dequantisations can neither run
-  early nor be merged into one kernel kept alive in between. Without it XLA on CPU, which
-  strips optimization barriers and jax.checkpoint's before scheduling, did both for every
-  layer: phi2's QLoRA step needed 16 GiB of temporaries, most of them float kernels."""
-  zero = (dep.reshape(-1)[0] * 0).astype(scales.dtype)
-  return dequantize(codes, scales + zero, len(in_shape), in_shape, qtype, dtype)
+  output's cotangent), so that the forward and backward dequantisations can neither run
+  early nor be merged into one float kernel kept alive in between.
+
+  An optimization barrier orders them on GPU and TPU. XLA on CPU strips barriers (and
+  jax.checkpoint's) before it schedules: there phi2's QLoRA step dequantised every layer
+  once for both passes, 16 GiB of temporaries. On CPU the order is a data dependency
+  instead, dep's first value times zero added to the scales, which XLA cannot fold (0 * x
+  is NaN for x = inf or NaN: a poisoned input poisons the output either way). Not used
+  elsewhere: on a sharded `dep` that one value is a collective per layer and pass.
+  """
+  if jax.default_backend() == "cpu":
+    scales = scales + (dep[(0,) * dep.ndim] * 0).astype(scales.dtype)
+  else:
+    _, codes, scales = jax.lax.optimization_barrier((dep, codes, scales))
+  return dequantize(codes, scales, len(in_shape), in_shape, qtype, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
