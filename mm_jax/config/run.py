@@ -22,6 +22,9 @@ class DataConfig:
   # synthetic_av only: interleave each video frame's placeholders with the audio tokens of
   # the same time slot (pipeline.av_tags) instead of all video, then all audio.
   interleave_av: bool = False
+  # synthetic_av only: (question, answer) turns per train sample, all about its one scene
+  # (synthetic_av.example); eval samples always ask one.
+  turns: int = 1
   seq_len: int = 64
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
   videos_per_sample: int = 1  # video slots per row (Mv), when the model reads video
@@ -76,6 +79,7 @@ class DataConfig:
       _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
     _check(self.num_train > 0 and self.num_eval > 0, f"{key}.num_train", "splits must be non-empty")
     _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
+    _check(self.turns >= 1, f"{key}.turns", f"must be >= 1, got {self.turns}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,18 +219,20 @@ def av_tokenizer() -> WordTokenizer:
 
 def synthetic_av_examples(data: DataConfig, spec: RowSpec, *, split: str
                           ) -> tuple[grain.MapDataset, Callable]:
-  """The embedded audio-video task: frames as a video item, log-mel of the clip as audio."""
+  """The embedded audio-video task: frames as a video item, log-mel of the clip as audio.
+  Eval samples ask one question each (per-kind accuracy is exact match on it); train
+  samples up to `data.turns`."""
   tokenizer = av_tokenizer()
-  n = data.num_train if split == "train" else data.num_eval
+  n, turns = (data.num_train, data.turns) if split == "train" else (data.num_eval, 1)
 
   def make(index) -> dict[str, np.ndarray]:
     sample = synthetic_av.example(int(index), split=split, seed=data.seed,
                                   frame_size=spec.image_size, num_frames=spec.num_frames,
-                                  clip_seconds=data.clip_seconds)
+                                  clip_seconds=data.clip_seconds, turns=turns)
     mel = audio.log_mel(sample["waveform"], n_mels=spec.n_mels)[:spec.audio_seq_len]
     words, tags = av_tags(sample["prompt"], spec, [spec.audio_tokens(len(mel))],
                           interleave=data.interleave_av)
-    enc = render(tokenizer, words, sample["answer"], tags=tags)
+    enc = render(tokenizer, words, sample["answer"], tags=tags, turns=sample["turns"])
     return to_example(sample["id"], enc, [], spec, videos=[sample["frames"]], audios=[mel],
                       kind=synthetic_av.LABELS.index(synthetic_av.label(sample)))
 

@@ -204,6 +204,37 @@ def draw_scene(kind: str, rng, split: str, num_slots: int) -> tuple[dict, str, l
   return latent, template, list(question), answer
 
 
+def questions(latent: dict) -> list[tuple[str, list[str], list[str]]]:
+  """Every (template, question words, answer words) that `latent`'s scene answers without
+  ambiguity, whatever kind drew it: a distractor is a scene too (the beeps under a video
+  question can be counted, the moving shape under an audio question has a colour)."""
+  out = []
+  if latent["moving"] is not None:
+    colour, direction = latent["moving"]
+    out += [("colour", QUESTIONS["colour"], [colour]),
+            ("direction", QUESTIONS["direction"], [direction])]
+    if direction in ("up", "down"):
+      out.append(("vertical", QUESTIONS["vertical"], [direction]))
+      if latent["chirp"] is not None:
+        same = (direction == "up") == (latent["chirp"] == "rising")
+        out.append(("xor", QUESTIONS["xor"], ["yes" if same else "no"]))
+  flashes = {slot: colour for colour, slot in latent["flashes"]}
+  out += [("flash_at", _fill("flash_at", SLOT_WORDS[s]), [c]) for s, c in sorted(flashes.items())]
+  if latent["tones"]:
+    out.append(("count", QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]))
+    if len({p for p, _ in latent["tones"]}) == 1:
+      out.append(("pitch", QUESTIONS["pitch"], [latent["tones"][0][0]]))
+    for pitch in PITCHES:
+      slots = [s for p, s in latent["tones"] if p == pitch]
+      if len(slots) == 1:  # "when was the high tone ?" needs exactly one high tone
+        out.append(("tone_when", _fill("tone_when", pitch), [SLOT_WORDS[slots[0]]]))
+        if slots[0] in flashes:
+          out.append(("binding", _fill("binding", pitch), [flashes[slots[0]]]))
+  if latent["chirp"] is not None:
+    out.append(("sweep", QUESTIONS["sweep"], [latent["chirp"]]))
+  return out
+
+
 def draw_frames(latent: dict, rng, num_frames: int, size: int) -> np.ndarray:
   """uint8[F, S, S, 3]: the scene's shapes, frame f showing slot f."""
   frames = rng.integers(0, 30, (num_frames, size, size, 3)).astype(np.uint8)
@@ -261,9 +292,20 @@ def _ramp(n: int, sample_rate: int) -> np.ndarray:
 
 
 def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: int,
-            sample_rate: int = 16000, clip_seconds: float = 1.0) -> dict:
+            sample_rate: int = 16000, clip_seconds: float = 1.0, turns: int = 1) -> dict:
   """Sample `index` of `split`: {"id", "frames": uint8[F, S, S, 3], "waveform": float32[N],
-  "prompt", "answer", "kind", "question", "latent"}, N = clip_seconds * sample_rate."""
+  "prompt", "answer", "kind", "question", "latent", "turns"}, N = clip_seconds *
+  sample_rate.
+
+  "prompt" and "answer" are the first question, drawn by kind as the module docstring says;
+  "kind" and "question" describe it. "turns" holds up to `turns - 1` more (question,
+  answer) word lists about the same scene (`questions`), in random order: more supervised
+  answers for one pass over the media, which is most of a sample's cost. The first
+  question is drawn as with turns=1 (and so are frames and sound), and it never follows
+  another answer, so it stays a clean single-question sample.
+  """
+  if turns < 1:
+    raise ValueError(f"turns={turns}: a sample has at least its first question")
   if not 2 <= num_frames <= len(SLOT_WORDS):
     raise ValueError(f"num_frames={num_frames}: motion and binding need at least 2 slots, "
                      f"and time words exist for {len(SLOT_WORDS)}")
@@ -273,9 +315,12 @@ def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: i
   frames = draw_frames(latent, rng, num_frames, frame_size)
   waveform = synth_audio(latent, rng, int(round(clip_seconds * sample_rate)), num_frames,
                          sample_rate)
+  # Drawn last, so that turns=1 samples are the same as before more turns existed.
+  more = [(q, a) for _, q, a in questions(latent) if q != question]
+  more = [more[i] for i in rng.permutation(len(more))[:turns - 1]] if turns > 1 else []
   return {"id": f"synthetic_av-{split}-{index}", "frames": frames, "waveform": waveform,
           "prompt": [VIDEO_TAG, AUDIO_TAG] + question, "answer": answer, "kind": kind,
-          "question": template, "latent": latent}
+          "question": template, "latent": latent, "turns": more}
 
 
 def label(sample: dict) -> str:

@@ -80,13 +80,15 @@ class Encoded:
 
 def render(tokenizer: WordTokenizer, prompt: list[str], answer: list[str], *,
            image_token_id: int = -1, tokens_per_image: int = 0,
-           tags: Mapping[str, tuple[int, int | Sequence[int]]] | None = None) -> Encoded:
-  """`<bos> prompt answer <eos>` with each tag word expanded to its placeholders.
+           tags: Mapping[str, tuple[int, int | Sequence[int]]] | None = None,
+           turns: Sequence[tuple[Sequence[str], Sequence[str]]] = ()) -> Encoded:
+  """`<bos> prompt answer <eos>` with each tag word expanded to its placeholders, then
+  `question answer <eos>` for each further (question, answer) of `turns`.
 
   tags: tag word -> (placeholder id, count or one count per occurrence), e.g.
   {"<video>": (49, 64), "<audio>": (50, [25, 12])}; by default only
   `<image>` -> (image_token_id, tokens_per_image). The loss counts on the answer words and
-  the final <eos> only (LLaVA masks the prompt).
+  their <eos> only (LLaVA masks the prompt and the human turns).
   """
   tags = {IMAGE_TAG: (image_token_id, tokens_per_image)} if tags is None else tags
   seen = dict.fromkeys(tags, 0)
@@ -104,6 +106,9 @@ def render(tokenizer: WordTokenizer, prompt: list[str], answer: list[str], *,
       mask.append(False)
   ids += tokenizer.encode(answer) + [tokenizer.eos_id]
   mask += [True] * (len(answer) + 1)
+  for question, reply in turns:
+    ids += tokenizer.encode(question) + tokenizer.encode(reply) + [tokenizer.eos_id]
+    mask += [False] * len(question) + [True] * (len(reply) + 1)
   return Encoded(np.asarray(ids, np.int32), np.asarray(mask, bool))
 
 

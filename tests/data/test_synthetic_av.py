@@ -226,3 +226,48 @@ def test_timing_answers_cover_every_slot():
     if "time" in ex["prompt"] or ex["prompt"][2] == "when":
       answers[ex["kind"]].add(ex["prompt"][-2] if ex["kind"] == "video" else ex["answer"][0])
   assert answers == {k: set(av.SLOT_WORDS[:FRAMES]) for k in ("video", "audio")}
+
+
+def test_questions_hold_the_first_question_and_answer_each_unambiguously():
+  # The first question is one of the scene's questions, with the same answer; no question
+  # appears twice (one answer each); every template is asked of some scene.
+  seen = collections.Counter()
+  for ex in _samples("train", 600) + _samples("eval", 200):
+    qs = av.questions(ex["latent"])
+    assert (ex["prompt"][2:], ex["answer"]) in [(q, a) for _, q, a in qs]
+    assert len({tuple(q) for _, q, _ in qs}) == len(qs)
+    seen.update(t for t, _, _ in qs)
+  assert set(seen) == set(av.QUESTIONS), seen
+
+
+def test_questions_answers_follow_the_latent():
+  latent = {"moving": None, "flashes": (("red", 0), ("blue", 2)),
+            "tones": (("high", 2), ("low", 1), ("low", 3)), "chirp": None}
+  got = {" ".join(q): a for _, q, a in av.questions(latent)}
+  assert got == {"what colour flashed at time one ?": ["red"],
+                 "what colour flashed at time three ?": ["blue"],
+                 "how many beeps ?": ["three"],
+                 "when was the high tone ?": ["three"],  # two low tones: "when" not asked
+                 "which colour flashed during the high tone ?": ["blue"]}
+  latent = {"moving": ("green", "down"), "flashes": (), "tones": (), "chirp": "falling"}
+  got = {t: a for t, _, a in av.questions(latent)}
+  assert got == {"colour": ["green"], "direction": ["down"], "vertical": ["down"],
+                 "xor": ["yes"], "sweep": ["falling"]}
+
+
+def test_turns_add_questions_about_the_same_scene():
+  for i in range(60):
+    one = av.example(i, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES)
+    many = av.example(i, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, turns=3)
+    # The first question, frames and sound are those of a one-question sample.
+    assert (one["prompt"], one["answer"], one["latent"], one["turns"]) == (
+        many["prompt"], many["answer"], many["latent"], [])
+    np.testing.assert_array_equal(one["waveform"], many["waveform"])
+    np.testing.assert_array_equal(one["frames"], many["frames"])
+    scene = [(q, a) for _, q, a in av.questions(many["latent"])]
+    assert len(many["turns"]) == min(2, len(scene) - 1)
+    asked = [many["prompt"][2:]] + [q for q, _ in many["turns"]]
+    assert len({tuple(q) for q in asked}) == len(asked)
+    assert all(t in scene for t in many["turns"])
+  with pytest.raises(ValueError, match="turns"):
+    av.example(0, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, turns=0)

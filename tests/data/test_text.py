@@ -289,3 +289,13 @@ def test_missing_expansion(paths):
   tok = text.load_tokenizer(paths["sp"])
   with pytest.raises(ValueError, match="no count for tag '<image>'"):
     templates.render_conversation(tok, CONVERSATION, "vicuna_v1", expand={})
+
+
+def test_render_turns_put_every_answer_and_its_eos_in_the_loss():
+  tok = text.WordTokenizer(("a", "red", "cat", "?"), tags=(IMAGE_TAG,))
+  enc = text.render(tok, [IMAGE_TAG, "a", "?"], ["red"], image_token_id=9, tokens_per_image=2,
+                    turns=[(["cat", "?"], ["a", "cat"])])
+  a, red, cat, q = tok.encode(["a", "red", "cat", "?"])
+  np.testing.assert_array_equal(enc.tokens, [tok.bos_id, 9, 9, a, q, red, tok.eos_id,
+                                             cat, q, a, cat, tok.eos_id])
+  np.testing.assert_array_equal(enc.answer, [0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1])
