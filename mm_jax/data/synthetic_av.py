@@ -59,6 +59,8 @@ analyses can check these properties. Sample i of a split is a pure function of
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from mm_jax.data.synthetic import COLOURS as RGB
@@ -204,35 +206,71 @@ def draw_scene(kind: str, rng, split: str, num_slots: int) -> tuple[dict, str, l
   return latent, template, list(question), answer
 
 
-def questions(latent: dict) -> list[tuple[str, list[str], list[str]]]:
-  """Every (template, question words, answer words) that `latent`'s scene answers without
-  ambiguity, whatever kind drew it: a distractor is a scene too (the beeps under a video
-  question can be counted, the moving shape under an audio question has a colour)."""
+class Question(NamedTuple):
+  """One question a scene answers: its template, words, answer words, and the scene's
+  facts it reads ("colour" and "direction" of the moving shape, "chirp", "tones",
+  "flash<slot>"). Two questions that read disjoint facts say nothing about each other's
+  answers."""
+  template: str
+  words: list[str]
+  answer: list[str]
+  facts: frozenset[str]
+
+
+def questions(latent: dict) -> list[Question]:
+  """Every question that `latent`'s scene answers without ambiguity, whatever kind drew
+  it: a distractor is a scene too (the beeps under a video question can be counted, the
+  moving shape under an audio question has a colour). The tone questions all read the one
+  fact "tones": any two of them constrain each other (a count of one and a high pitch
+  place the only high tone)."""
   out = []
+
+  def ask(template, answer, *facts, word=None):
+    words = QUESTIONS[template] if word is None else _fill(template, word)
+    out.append(Question(template, list(words), [answer], frozenset(facts)))
+
   if latent["moving"] is not None:
     colour, direction = latent["moving"]
-    out += [("colour", QUESTIONS["colour"], [colour]),
-            ("direction", QUESTIONS["direction"], [direction])]
+    ask("colour", colour, "colour")
+    ask("direction", direction, "direction")
     if direction in ("up", "down"):
-      out.append(("vertical", QUESTIONS["vertical"], [direction]))
+      ask("vertical", direction, "direction")
       if latent["chirp"] is not None:
         same = (direction == "up") == (latent["chirp"] == "rising")
-        out.append(("xor", QUESTIONS["xor"], ["yes" if same else "no"]))
+        ask("xor", "yes" if same else "no", "direction", "chirp")
   flashes = {slot: colour for colour, slot in latent["flashes"]}
-  out += [("flash_at", _fill("flash_at", SLOT_WORDS[s]), [c]) for s, c in sorted(flashes.items())]
+  for slot, colour in sorted(flashes.items()):
+    ask("flash_at", colour, f"flash{slot}", word=SLOT_WORDS[slot])
   if latent["tones"]:
-    out.append(("count", QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]))
+    ask("count", COUNTS[len(latent["tones"]) - 1], "tones")
     if len({p for p, _ in latent["tones"]}) == 1:
-      out.append(("pitch", QUESTIONS["pitch"], [latent["tones"][0][0]]))
+      ask("pitch", latent["tones"][0][0], "tones")
     for pitch in PITCHES:
       slots = [s for p, s in latent["tones"] if p == pitch]
       if len(slots) == 1:  # "when was the high tone ?" needs exactly one high tone
-        out.append(("tone_when", _fill("tone_when", pitch), [SLOT_WORDS[slots[0]]]))
+        ask("tone_when", SLOT_WORDS[slots[0]], "tones", word=pitch)
         if slots[0] in flashes:
-          out.append(("binding", _fill("binding", pitch), [flashes[slots[0]]]))
+          ask("binding", flashes[slots[0]], "tones", f"flash{slots[0]}", word=pitch)
   if latent["chirp"] is not None:
-    out.append(("sweep", QUESTIONS["sweep"], [latent["chirp"]]))
+    ask("sweep", latent["chirp"], "chirp")
   return out
+
+
+def _more_turns(latent: dict, first: list[str], turns: int, rng) -> list[tuple[list, list]]:
+  """Up to `turns - 1` further (question, answer) pairs, in random order, none reading a
+  fact an earlier question read: a later answer that followed from earlier ones (direction
+  from "up or down", xor from both halves) would let the model answer from the text and
+  never learn to read the media (measured: with every question asked, train accuracy rose
+  while first-question motion accuracy stayed at chance)."""
+  scene = questions(latent)
+  used = next(q.facts for q in scene if q.words == first)
+  more = []
+  for i in rng.permutation(len(scene)):
+    q = scene[i]
+    if len(more) < turns - 1 and not q.facts & used:
+      more.append((q.words, q.answer))
+      used |= q.facts
+  return more
 
 
 def draw_frames(latent: dict, rng, num_frames: int, size: int) -> np.ndarray:
@@ -299,8 +337,9 @@ def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: i
 
   "prompt" and "answer" are the first question, drawn by kind as the module docstring says;
   "kind" and "question" describe it. "turns" holds up to `turns - 1` more (question,
-  answer) word lists about the same scene (`questions`), in random order: more supervised
-  answers for one pass over the media, which is most of a sample's cost. The first
+  answer) word lists about the same scene, each reading facts no earlier one read
+  (`_more_turns`): more supervised answers for one pass over the media, which is most of a
+  sample's cost. The first
   question is drawn as with turns=1 (and so are frames and sound), and it never follows
   another answer, so it stays a clean single-question sample.
   """
@@ -316,8 +355,7 @@ def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: i
   waveform = synth_audio(latent, rng, int(round(clip_seconds * sample_rate)), num_frames,
                          sample_rate)
   # Drawn last, so that turns=1 samples are the same as before more turns existed.
-  more = [(q, a) for _, q, a in questions(latent) if q != question]
-  more = [more[i] for i in rng.permutation(len(more))[:turns - 1]] if turns > 1 else []
+  more = _more_turns(latent, question, turns, rng) if turns > 1 else []
   return {"id": f"synthetic_av-{split}-{index}", "frames": frames, "waveform": waveform,
           "prompt": [VIDEO_TAG, AUDIO_TAG] + question, "answer": answer, "kind": kind,
           "question": template, "latent": latent, "turns": more}

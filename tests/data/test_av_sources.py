@@ -160,3 +160,17 @@ def test_tfds_carries_video_and_audio(folder, tmp_path):
     assert set(tfds_got[rid]) == set(json_got[rid])
     for key, value in json_got[rid].items():
       np.testing.assert_array_equal(tfds_got[rid][key], value, err_msg=f"{rid} {key}")
+
+
+def test_synthetic_av_train_rows_answer_several_questions_eval_rows_one():
+  cfg = mimo_config(**{"data.turns": 3})
+  spec = pipeline.RowSpec.create(cfg.data, cfg.model)
+  for split, most in (("train", 3), ("eval", 1)):
+    items, make = pipeline.synthetic_av_examples(cfg.data, spec, split=split)
+    runs = []
+    for i in range(40):
+      ex = make(items[i])
+      assert skips.SKIP not in ex, ex
+      mask = np.asarray(ex["loss_mask"], int)
+      runs.append(int((np.diff(mask) == 1).sum() + mask[0]))  # answer + <eos> runs
+    assert max(runs) == most and min(runs) >= min(2, most), (split, runs)

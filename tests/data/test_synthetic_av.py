@@ -234,40 +234,50 @@ def test_questions_hold_the_first_question_and_answer_each_unambiguously():
   seen = collections.Counter()
   for ex in _samples("train", 600) + _samples("eval", 200):
     qs = av.questions(ex["latent"])
-    assert (ex["prompt"][2:], ex["answer"]) in [(q, a) for _, q, a in qs]
-    assert len({tuple(q) for _, q, _ in qs}) == len(qs)
-    seen.update(t for t, _, _ in qs)
+    assert (ex["prompt"][2:], ex["answer"]) in [(q.words, q.answer) for q in qs]
+    assert len({tuple(q.words) for q in qs}) == len(qs)
+    seen.update(q.template for q in qs)
   assert set(seen) == set(av.QUESTIONS), seen
 
 
 def test_questions_answers_follow_the_latent():
   latent = {"moving": None, "flashes": (("red", 0), ("blue", 2)),
             "tones": (("high", 2), ("low", 1), ("low", 3)), "chirp": None}
-  got = {" ".join(q): a for _, q, a in av.questions(latent)}
-  assert got == {"what colour flashed at time one ?": ["red"],
-                 "what colour flashed at time three ?": ["blue"],
-                 "how many beeps ?": ["three"],
-                 "when was the high tone ?": ["three"],  # two low tones: "when" not asked
-                 "which colour flashed during the high tone ?": ["blue"]}
+  got = {" ".join(q.words): (q.answer, set(q.facts)) for q in av.questions(latent)}
+  assert got == {"what colour flashed at time one ?": (["red"], {"flash0"}),
+                 "what colour flashed at time three ?": (["blue"], {"flash2"}),
+                 "how many beeps ?": (["three"], {"tones"}),
+                 # two low tones: "when was the low tone ?" has no single answer
+                 "when was the high tone ?": (["three"], {"tones"}),
+                 "which colour flashed during the high tone ?": (["blue"], {"tones", "flash2"})}
   latent = {"moving": ("green", "down"), "flashes": (), "tones": (), "chirp": "falling"}
-  got = {t: a for t, _, a in av.questions(latent)}
+  got = {q.template: q.answer for q in av.questions(latent)}
   assert got == {"colour": ["green"], "direction": ["down"], "vertical": ["down"],
                  "xor": ["yes"], "sweep": ["falling"]}
 
 
-def test_turns_add_questions_about_the_same_scene():
-  for i in range(60):
+def _facts(ex: dict) -> list[frozenset]:
+  by_words = {tuple(q.words): q.facts for q in av.questions(ex["latent"])}
+  return [by_words[tuple(ex["prompt"][2:])]] + [by_words[tuple(q)] for q, _ in ex["turns"]]
+
+
+def test_turns_add_questions_about_the_same_scene_that_leak_no_answer():
+  lengths = collections.Counter()
+  for i in range(200):
     one = av.example(i, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES)
-    many = av.example(i, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, turns=3)
+    many = av.example(i, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, turns=4)
     # The first question, frames and sound are those of a one-question sample.
     assert (one["prompt"], one["answer"], one["latent"], one["turns"]) == (
         many["prompt"], many["answer"], many["latent"], [])
     np.testing.assert_array_equal(one["waveform"], many["waveform"])
     np.testing.assert_array_equal(one["frames"], many["frames"])
-    scene = [(q, a) for _, q, a in av.questions(many["latent"])]
-    assert len(many["turns"]) == min(2, len(scene) - 1)
-    asked = [many["prompt"][2:]] + [q for q, _ in many["turns"]]
-    assert len({tuple(q) for q in asked}) == len(asked)
-    assert all(t in scene for t in many["turns"])
+    scene = [(q.words, q.answer) for q in av.questions(many["latent"])]
+    assert all(t in scene for t in many["turns"]) and len(many["turns"]) <= 3
+    # No two questions read one fact, so no answer follows from the others: "up or down"
+    # never comes with "which way", nor xor with both of its halves.
+    facts = _facts(many)
+    assert sum(len(f) for f in facts) == len(frozenset().union(*facts))
+    lengths[len(many["turns"])] += 1
+  assert lengths[0] == 0 and lengths[2] > 40, lengths  # every scene has a second question
   with pytest.raises(ValueError, match="turns"):
     av.example(0, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, turns=0)
