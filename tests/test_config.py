@@ -1,5 +1,5 @@
 import pytest
-from conftest import tiny_config
+from conftest import mimo_config, tiny_config
 
 from configs import llava
 from mm_jax import config as config_lib
@@ -48,6 +48,8 @@ def test_finetune_freezes_only_the_tower():
     ("optim.freeze", ("[unclosed",), "config.optim.freeze[0]"),
     ("mesh.data", 0, "config.mesh"),
     ("stage", "pretrain", "config.stage"),
+    ("data.turns", 0, "config.data.turns"),
+    ("data.curriculum", ("video/vertical",), "config.data.curriculum"),  # samples missing
 ])
 def test_bad_values_name_the_key(key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[")):
@@ -74,3 +76,11 @@ def test_overrides_are_type_checked():
   assert config_lib.from_config_dict(cd).optim.lr == 3e-5
   with pytest.raises(TypeError):
     cd.optim.lr = "fast"
+
+
+def test_curriculum_labels_are_checked():
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.curriculum: unknown labels"):
+    mimo_config(**{"data.curriculum": ("video/teleport",), "data.curriculum_samples": 8})
+  cfg = mimo_config(**{"data.curriculum": ("video/vertical", "xor"),
+                       "data.curriculum_samples": 8})
+  assert cfg.data.curriculum == ("video/vertical", "xor")

@@ -25,6 +25,11 @@ class DataConfig:
   # synthetic_av only: (question, answer) turns per train sample, all about its one scene
   # (synthetic_av.example); eval samples always ask one.
   turns: int = 1
+  # synthetic_av only: the first curriculum_samples train samples (curriculum_samples /
+  # batch_size steps) ask only the questions labelled here ("video/direction", ...: entries
+  # of synthetic_av.LABELS); the rest the whole mix. In order, unshuffled (pipeline).
+  curriculum: tuple[str, ...] = ()
+  curriculum_samples: int = 0
   seq_len: int = 64
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
   videos_per_sample: int = 1  # video slots per row (Mv), when the model reads video
@@ -80,6 +85,16 @@ class DataConfig:
     _check(self.num_train > 0 and self.num_eval > 0, f"{key}.num_train", "splits must be non-empty")
     _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
     _check(self.turns >= 1, f"{key}.turns", f"must be >= 1, got {self.turns}")
+    _check(self.curriculum_samples >= 0, f"{key}.curriculum_samples", "must be >= 0")
+    _check(bool(self.curriculum) == bool(self.curriculum_samples), f"{key}.curriculum",
+           "curriculum and curriculum_samples go together: both set or neither")
+    _check(not self.curriculum or self.source == "synthetic_av", f"{key}.curriculum",
+           f"only source=synthetic_av has question labels, not {self.source!r}")
+    if self.curriculum:
+      from mm_jax.data.synthetic_av import LABELS  # numpy only: no cycle, no jax
+
+      unknown = sorted(set(self.curriculum) - set(LABELS))
+      _check(not unknown, f"{key}.curriculum", f"unknown labels {unknown}; known {LABELS}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,14 +221,17 @@ def synthetic_av_examples(data: DataConfig, spec: RowSpec, *, split: str
                           ) -> tuple[grain.MapDataset, Callable]:
   """The embedded audio-video task: frames as a video item, log-mel of the clip as audio.
   Eval samples ask one question each (per-kind accuracy is exact match on it); train
-  samples up to `data.turns`."""
+  samples up to `data.turns`, and the first `data.curriculum_samples` of them only the
+  questions labelled in `data.curriculum`."""
   tokenizer = av_tokenizer()
   n, turns = (data.num_train, data.turns) if split == "train" else (data.num_eval, 1)
 
   def make(index) -> dict[str, np.ndarray]:
+    early = split == "train" and index < data.curriculum_samples
     sample = synthetic_av.example(int(index), split=split, seed=data.seed,
                                   frame_size=spec.image_size, num_frames=spec.num_frames,
-                                  clip_seconds=data.clip_seconds, turns=turns)
+                                  clip_seconds=data.clip_seconds, turns=turns,
+                                  only=tuple(data.curriculum) if early else ())
     mel = audio.log_mel(sample["waveform"], n_mels=spec.n_mels)[:spec.audio_seq_len]
     words, tags = av_tags(sample["prompt"], spec, [spec.audio_tokens(len(mel))],
                           interleave=data.interleave_av)
@@ -350,9 +353,15 @@ def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: R
 
 def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: int,
                    stats: skips.SkipStats | None = None) -> grain.DatasetIterator:
-  """Endless, shuffled, checkpointable iterator over this process's share of the batch."""
+  """Endless, shuffled, checkpointable iterator over this process's share of the batch.
+
+  A curriculum (synthetic_av) keeps the order instead: its samples are independent draws
+  already, and sample i must be the i-th read for "the first curriculum_samples" to mean
+  the first steps (and again at the start of each pass over data.num_train)."""
   items, make = source_examples(data, spec, split="train")
-  items = items.shuffle(seed=seed).repeat(None)
+  if not data.curriculum_samples:
+    items = items.shuffle(seed=seed)
+  items = items.repeat(None)
   return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
 
 

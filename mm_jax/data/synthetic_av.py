@@ -143,8 +143,9 @@ def _two_slots(rng, num_slots: int) -> list[int]:
   return [int(s) for s in rng.choice(num_slots, 2, replace=False)]
 
 
-def _video(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
-  template = _pick(rng, TEMPLATES["video"])
+def _video(latent: dict, rng, split: str, num_slots: int, template: str | None = None
+           ) -> tuple[str, list, list]:
+  template = template or _pick(rng, TEMPLATES["video"])
   if rng.integers(2):  # the sound is a distractor here
     latent["chirp"] = _pick(rng, CHIRPS)
   else:
@@ -158,8 +159,9 @@ def _video(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, li
   return template, _fill("flash_at", SLOT_WORDS[slot]), [colour]
 
 
-def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
-  template = _pick(rng, TEMPLATES["audio"])
+def _audio(latent: dict, rng, split: str, num_slots: int, template: str | None = None
+           ) -> tuple[str, list, list]:
+  template = template or _pick(rng, TEMPLATES["audio"])
   if template == "sweep":  # xor's audio half, with xor's kind of distractor motion
     latent["moving"] = _move(rng, split, ("up", "down"))
     latent["chirp"] = _pick(rng, CHIRPS)
@@ -176,7 +178,8 @@ def _audio(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, li
   return template, QUESTIONS["count"], [COUNTS[len(latent["tones"]) - 1]]
 
 
-def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
+def _binding(latent: dict, rng, split: str, num_slots: int, template: str | None = None
+             ) -> tuple[str, list, list]:
   # Colours, slots and the high/low assignment are independent draws: given the frames,
   # either colour is the high one with probability 1/2.
   colours, slots = _pair(rng, split), _two_slots(rng, num_slots)
@@ -187,22 +190,25 @@ def _binding(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, 
   return "binding", _fill("binding", asked), [colours[pitches.index(asked)]]
 
 
-def _xor(latent: dict, rng, split: str, num_slots: int) -> tuple[str, list, list]:
+def _xor(latent: dict, rng, split: str, num_slots: int, template: str | None = None
+         ) -> tuple[str, list, list]:
   latent["moving"] = _move(rng, split, ("up", "down"))
   latent["chirp"] = _pick(rng, CHIRPS)
   same = (latent["moving"][1] == "up") == (latent["chirp"] == "rising")
   return "xor", QUESTIONS["xor"], ["yes" if same else "no"]
 
 
-def draw_scene(kind: str, rng, split: str, num_slots: int) -> tuple[dict, str, list, list]:
-  """(latent, question template, question words, answer words) of one `kind` sample. latent:
+def draw_scene(kind: str, rng, split: str, num_slots: int, template: str | None = None
+               ) -> tuple[dict, str, list, list]:
+  """(latent, question template, question words, answer words) of one `kind` sample, its
+  template drawn uniformly from TEMPLATES[kind] unless given. latent:
   "moving": (colour, direction) | None; "flashes": ((colour, slot), ...);
   "tones": ((pitch, slot), ...); "chirp": "rising" | "falling" | None."""
   if kind not in KINDS:
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
   latent = {"moving": None, "flashes": (), "tones": (), "chirp": None}
   make = {"video": _video, "audio": _audio, "binding": _binding, "xor": _xor}[kind]
-  template, question, answer = make(latent, rng, split, num_slots)
+  template, question, answer = make(latent, rng, split, num_slots, template)
   return latent, template, list(question), answer
 
 
@@ -330,7 +336,8 @@ def _ramp(n: int, sample_rate: int) -> np.ndarray:
 
 
 def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: int,
-            sample_rate: int = 16000, clip_seconds: float = 1.0, turns: int = 1) -> dict:
+            sample_rate: int = 16000, clip_seconds: float = 1.0, turns: int = 1,
+            only: tuple[str, ...] = ()) -> dict:
   """Sample `index` of `split`: {"id", "frames": uint8[F, S, S, 3], "waveform": float32[N],
   "prompt", "answer", "kind", "question", "latent", "turns"}, N = clip_seconds *
   sample_rate.
@@ -342,15 +349,22 @@ def example(index: int, *, split: str, seed: int, frame_size: int, num_frames: i
   sample's cost. The first
   question is drawn as with turns=1 (and so are frames and sound), and it never follows
   another answer, so it stays a clean single-question sample.
+
+  only: entries of LABELS; when given, the first question's label is drawn uniformly from
+  them instead of the kind from KINDS (a curriculum's early samples, `data.curriculum`).
   """
   if turns < 1:
     raise ValueError(f"turns={turns}: a sample has at least its first question")
   if not 2 <= num_frames <= len(SLOT_WORDS):
     raise ValueError(f"num_frames={num_frames}: motion and binding need at least 2 slots, "
                      f"and time words exist for {len(SLOT_WORDS)}")
+  unknown = set(only) - set(LABELS)
+  if unknown:
+    raise ValueError(f"unknown question labels {sorted(unknown)}; expected some of {LABELS}")
   rng = np.random.default_rng((seed, SPLITS[split], index))
-  kind = _pick(rng, KINDS)
-  latent, template, question, answer = draw_scene(kind, rng, split, num_frames)
+  kind, _, template = _pick(rng, only).partition("/") if only else (_pick(rng, KINDS), "", "")
+  latent, template, question, answer = draw_scene(kind, rng, split, num_frames,
+                                                  template or None)
   frames = draw_frames(latent, rng, num_frames, frame_size)
   waveform = synth_audio(latent, rng, int(round(clip_seconds * sample_rate)), num_frames,
                          sample_rate)

@@ -174,3 +174,23 @@ def test_synthetic_av_train_rows_answer_several_questions_eval_rows_one():
       mask = np.asarray(ex["loss_mask"], int)
       runs.append(int((np.diff(mask) == 1).sum() + mask[0]))  # answer + <eos> runs
     assert max(runs) == most and min(runs) >= min(2, most), (split, runs)
+
+
+def test_synthetic_av_curriculum_asks_its_questions_first_then_the_mix():
+  from mm_jax.data import synthetic_av
+
+  cfg = mimo_config(**{"data.curriculum": ("video/vertical",), "data.curriculum_samples": 8,
+                       "train.batch_size": 4})
+  spec = pipeline.RowSpec.create(cfg.data, cfg.model)
+  items, make = pipeline.synthetic_av_examples(cfg.data, spec, split="train")
+  kinds = [synthetic_av.LABELS[make(items[i])["kind"].item()] for i in range(40)]
+  assert kinds[:8] == ["video/vertical"] * 8 and len(set(kinds[8:])) > 3, kinds
+  # Unshuffled, so the first two batches are those eight samples.
+  it = pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0)
+  question = pipeline.av_tokenizer().encode(synthetic_av.QUESTIONS["vertical"])
+  for _ in range(2):
+    for row in next(it)["tokens"]:
+      windows = np.lib.stride_tricks.sliding_window_view(row, len(question))
+      assert (windows == question).all(-1).any(), row
+  eval_items, eval_make = pipeline.synthetic_av_examples(cfg.data, spec, split="eval")
+  assert len({eval_make(eval_items[i])["kind"].item() for i in range(8)}) > 1

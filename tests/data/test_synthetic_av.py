@@ -281,3 +281,13 @@ def test_turns_add_questions_about_the_same_scene_that_leak_no_answer():
   assert lengths[0] == 0 and lengths[2] > 40, lengths  # every scene has a second question
   with pytest.raises(ValueError, match="turns"):
     av.example(0, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, turns=0)
+
+
+def test_only_draws_the_first_question_from_the_given_labels():
+  only = ("video/direction", "xor")
+  got = collections.Counter(
+      av.label(av.example(i, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES,
+                          only=only)) for i in range(200))
+  assert set(got) == set(only) and _close(got["xor"] / 200, 200), got
+  with pytest.raises(ValueError, match="unknown question labels"):
+    av.example(0, split="train", seed=0, frame_size=SIZE, num_frames=FRAMES, only=("video",))
