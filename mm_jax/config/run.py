@@ -25,9 +25,10 @@ class DataConfig:
   # synthetic_av only: (question, answer) turns per train sample, all about its one scene
   # (synthetic_av.example); eval samples always ask one.
   turns: int = 1
-  # synthetic_av only: the first curriculum_samples train samples (curriculum_samples /
-  # batch_size steps) ask only the questions labelled here ("video/direction", ...: entries
-  # of synthetic_av.LABELS); the rest the whole mix. In order, unshuffled (pipeline).
+  # synthetic_av only (other sources ignore both, as a preset's data may be swapped): the
+  # first curriculum_samples train samples (curriculum_samples / batch_size steps) ask only
+  # the questions labelled here ("video/direction", ...: entries of synthetic_av.LABELS);
+  # the rest the whole mix. In order, unshuffled (pipeline.train_iterator).
   curriculum: tuple[str, ...] = ()
   curriculum_samples: int = 0
   seq_len: int = 64
@@ -88,9 +89,7 @@ class DataConfig:
     _check(self.curriculum_samples >= 0, f"{key}.curriculum_samples", "must be >= 0")
     _check(bool(self.curriculum) == bool(self.curriculum_samples), f"{key}.curriculum",
            "curriculum and curriculum_samples go together: both set or neither")
-    _check(not self.curriculum or self.source == "synthetic_av", f"{key}.curriculum",
-           f"only source=synthetic_av has question labels, not {self.source!r}")
-    if self.curriculum:
+    if self.curriculum and self.source == "synthetic_av":
       from mm_jax.data.synthetic_av import LABELS  # numpy only: no cycle, no jax
 
       unknown = sorted(set(self.curriculum) - set(LABELS))

@@ -40,10 +40,12 @@ def export(out: str, n_train: int, n_eval: int, *, image_size: int = 32) -> dict
 
 
 def export_av_clips(out: str, n: int, *, split: str = "eval", frame_size: int = 32,
-                    num_frames: int = 4) -> list[dict]:
+                    num_frames: int = 2) -> list[dict]:
   """Writes n audio-video task samples as files a user can pass to --mode=generate:
   `av_<split>_<i>.avi` (the frames, one per 1/num_frames s, MJPEG) and `.wav` (the clip),
-  and returns their question, answer and kind."""
+  and returns their question, answer and kind. num_frames is the number of time slots, so
+  it must be the model's `video.num_frames` (2 in configs/mimo.py:tiny) for the timing
+  questions ("at time k", "when was", binding) to mean the same to the model."""
   import soundfile
 
   from mm_jax.data import synthetic_av, video
@@ -69,9 +71,12 @@ def main() -> None:
   parser.add_argument("--eval", type=int, default=200)
   parser.add_argument("--av_clips", type=int, default=0,
                       help="instead: write this many held-out audio-video clips (mimo tiny)")
+  parser.add_argument("--av_frames", type=int, default=2,
+                      help="time slots (frames) per clip: the model's video.num_frames")
   args = parser.parse_args()
   if args.av_clips:
-    print(json.dumps(export_av_clips(args.out, args.av_clips), indent=1))
+    print(json.dumps(export_av_clips(args.out, args.av_clips, num_frames=args.av_frames),
+                     indent=1))
     return
   paths = export(args.out, args.train, args.eval)
   tok = text.load_tokenizer(paths["tokenizer"])

@@ -359,7 +359,7 @@ def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: 
   already, and sample i must be the i-th read for "the first curriculum_samples" to mean
   the first steps (and again at the start of each pass over data.num_train)."""
   items, make = source_examples(data, spec, split="train")
-  if not data.curriculum_samples:
+  if not (data.source == "synthetic_av" and data.curriculum_samples):
     items = items.shuffle(seed=seed)
   items = items.repeat(None)
   return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
