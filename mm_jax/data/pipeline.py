@@ -231,7 +231,7 @@ def synthetic_av_examples(data: DataConfig, spec: RowSpec, *, split: str
     sample = synthetic_av.example(int(index), split=split, seed=data.seed,
                                   frame_size=spec.image_size, num_frames=spec.num_frames,
                                   clip_seconds=data.clip_seconds, turns=turns,
-                                  only=tuple(data.curriculum) if early else ())
+                                  only=data.curriculum if early else ())
     mel = audio.log_mel(sample["waveform"], n_mels=spec.n_mels)[:spec.audio_seq_len]
     words, tags = av_tags(sample["prompt"], spec, [spec.audio_tokens(len(mel))],
                           interleave=data.interleave_av)

@@ -194,8 +194,12 @@ def _xor(latent: dict, rng, split: str, num_slots: int, template: str | None = N
          ) -> tuple[str, list, list]:
   latent["moving"] = _move(rng, split, ("up", "down"))
   latent["chirp"] = _pick(rng, CHIRPS)
-  same = (latent["moving"][1] == "up") == (latent["chirp"] == "rising")
-  return "xor", QUESTIONS["xor"], ["yes" if same else "no"]
+  return "xor", QUESTIONS["xor"], [_same_way(latent["moving"][1], latent["chirp"])]
+
+
+def _same_way(direction: str, chirp: str) -> str:
+  """xor's answer: yes for up with rising or down with falling."""
+  return "yes" if (direction == "up") == (chirp == "rising") else "no"
 
 
 def draw_scene(kind: str, rng, split: str, num_slots: int, template: str | None = None
@@ -242,8 +246,7 @@ def questions(latent: dict) -> list[Question]:
     if direction in ("up", "down"):
       ask("vertical", direction, "direction")
       if latent["chirp"] is not None:
-        same = (direction == "up") == (latent["chirp"] == "rising")
-        ask("xor", "yes" if same else "no", "direction", "chirp")
+        ask("xor", _same_way(direction, latent["chirp"]), "direction", "chirp")
   flashes = {slot: colour for colour, slot in latent["flashes"]}
   for slot, colour in sorted(flashes.items()):
     ask("flash_at", colour, f"flash{slot}", word=SLOT_WORDS[slot])
