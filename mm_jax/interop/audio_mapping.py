@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mm_jax.config import AudioConfig
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.models.audio import sinusoids
 
@@ -34,15 +35,15 @@ def audio_config_from_hf(hf_config: Mapping[str, Any], where: str = "config",
   pool defaults to 1 (plain Whisper: no pooling); pass pool=2 for Qwen2-Audio-style rows.
   """
   c = hf_config
-  model_type = hm._req(c, "model_type", where)
-  hm._expect(model_type == "whisper", f"{where}.model_type", f"{model_type!r} is not whisper")
+  model_type = hc.req(c, "model_type", where)
+  hc.expect(model_type == "whisper", f"{where}.model_type", f"{model_type!r} is not whisper")
   act = c.get("activation_function", "gelu")
-  hm._expect(act == "gelu", f"{where}.activation_function", f"{act!r}: only gelu is supported")
-  fields = dict(kind="whisper", n_mels=hm._req(c, "num_mel_bins", where),
-                width=hm._req(c, "d_model", where), depth=hm._req(c, "encoder_layers", where),
-                heads=hm._req(c, "encoder_attention_heads", where),
-                mlp_dim=hm._req(c, "encoder_ffn_dim", where),
-                max_source_positions=hm._req(c, "max_source_positions", where),
+  hc.expect(act == "gelu", f"{where}.activation_function", f"{act!r}: only gelu is supported")
+  fields = dict(kind="whisper", n_mels=hc.req(c, "num_mel_bins", where),
+                width=hc.req(c, "d_model", where), depth=hc.req(c, "encoder_layers", where),
+                heads=hc.req(c, "encoder_attention_heads", where),
+                mlp_dim=hc.req(c, "encoder_ffn_dim", where),
+                max_source_positions=hc.req(c, "max_source_positions", where),
                 layer_norm_eps=1e-5, pool=1)  # Whisper's nn.LayerNorm default eps
   cfg = AudioConfig(**{**fields, **overrides})
   cfg.validate(where)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mm_jax.config import Config, ConfigError, ModelConfig
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_import, hf_tokenizer, safetensors_io
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.models.multimodal import MultimodalModel
@@ -113,7 +114,7 @@ def llava_config(cfg: ModelConfig, dtype: str, special: dict[str, int | None],
 
 def _check_roundtrip(cfg: ModelConfig, hf: dict, path: str) -> None:
   """The written config must read back (hf_mapping) to the shapes being exported."""
-  back = hm.model_config_from_hf_llava(hf_import.complete(hf))
+  back = hc.model_config_from_hf_llava(hf_import.complete(hf))
   for ours, theirs, keys, where in (
       (cfg.vision, back.vision, {**hf_import.VISION_KEYS, **hf_import.LLAVA_VISION_KEYS},
        "vision"),

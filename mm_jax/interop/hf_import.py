@@ -31,6 +31,7 @@ from flax import nnx
 
 from mm_jax.config import ConfigError, InitConfig, ModelConfig, VisionConfig
 from mm_jax.interop import audio_mapping as am
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop.safetensors_io import SafetensorsFolder
 
@@ -196,7 +197,7 @@ def llava_source(folder: str, cfg: ModelConfig) -> Source:
   path = os.path.join(folder, "config.json")
   raw = read_config(folder)
   _expect_type(raw, ("llava",), "llava_from_hf", path)
-  theirs = _hf_config(folder, "llava_from_hf", hm.model_config_from_hf_llava, raw)
+  theirs = _hf_config(folder, "llava_from_hf", hc.model_config_from_hf_llava, raw)
   _check_text(raw["text_config"], folder)
   compare(cfg.vision, theirs.vision, VISION_KEYS, "config.model.vision", path, "vision_config.")
   compare(cfg.vision, theirs.vision, LLAVA_VISION_KEYS, "config.model.vision", path)
@@ -217,7 +218,7 @@ def vision_source(folder: str, cfg: ModelConfig) -> Source:
     raw = raw.get("vision_config") or {}
   _expect_type(raw, ("clip_vision_model", "siglip_vision_model"), "vision_from_hf", path)
   v = cfg.vision
-  theirs = _hf_config(folder, "vision_from_hf", hm.vision_config_from_hf, raw,
+  theirs = _hf_config(folder, "vision_from_hf", hc.vision_config_from_hf, raw,
                       feature_layer=v.feature_layer, feature_select=v.feature_select,
                       mean=v.mean, std=v.std)
   compare(v, theirs, VISION_KEYS, "config.model.vision", path,
@@ -232,7 +233,7 @@ def decoder_source(folder: str, cfg: ModelConfig) -> Source:
   raw = read_config(folder)
   _expect_type(raw, ("llama", "mistral", "phi"), "decoder_from_hf", path)
   _check_text(raw, folder)
-  theirs = _hf_config(folder, "decoder_from_hf", hm.decoder_config_from_hf, raw)
+  theirs = _hf_config(folder, "decoder_from_hf", hc.decoder_config_from_hf, raw)
   compare(cfg.decoder, theirs, decoder_keys(cfg.decoder.family), "config.model.decoder", path)
   return Source(folder, cfg.decoder.family,
                 _rooted(hm.decoder_rules(cfg.decoder), ("decoder",)),

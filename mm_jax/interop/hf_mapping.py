@@ -1,4 +1,4 @@
-"""Hugging Face <-> mm_jax: configs and parameters, pure numpy (no torch import).
+"""Hugging Face <-> mm_jax parameters, pure numpy (no torch import); configs: hf_config.py.
 
 A `Rule` ties one HF tensor to one mm_jax parameter path (as `nnx.to_flat_state` spells it,
 e.g. ("towers", "image", "blocks", 0, "q", "kernel")) and says how to convert it; the rule
@@ -12,9 +12,7 @@ weight [D, C, p, p] becomes [p, p, C, D].
 Key layouts: HF state dicts are first renamed to the transformers 5.x layout
 (`normalize_keys`), so both the published llava-hf layout (`vision_tower.vision_model.*`,
 `language_model.model.*`, `language_model.lm_head.weight`) and the 5.x one
-(`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`) load. Config readers
-take `PretrainedConfig.to_dict()` (complete) dicts and fail naming the key that is missing
-or unsupported; they never fall back silently where the numerics would change.
+(`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`) load.
 """
 
 from __future__ import annotations
@@ -29,182 +27,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mm_jax.config import ConfigError, DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mm_jax.config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
+from mm_jax.interop import hf_config as hc
 
 Path = tuple[str | int, ...]
 Flat = dict[Path, np.ndarray]
-
-# ----------------------------------------------------------------------------- configs
-
-_VISION_KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
-_VISION_ACTS = {"clip": ("quick_gelu",), "siglip": ("gelu_pytorch_tanh", "gelu_new")}
-_VISION_EPS = {"clip": 1e-5, "siglip": 1e-6}  # CLIPVisionConfig / SiglipVisionConfig defaults
-_SIGLIP_MEAN_STD = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-
-
-def _req(cfg: Mapping[str, Any], key: str, where: str) -> Any:
-  """cfg[key], or a ConfigError naming `where.key`."""
-  if cfg.get(key) is None:
-    raise ConfigError(f"{where}.{key}: missing from the Hugging Face config "
-                      "(pass a complete `PretrainedConfig.to_dict()`)")
-  return cfg[key]
-
-
-def _expect(cond: bool, key: str, msg: str) -> None:
-  if not cond:
-    raise ConfigError(f"{key}: {msg}")
-
-
-def vision_config_from_hf(hf_vision_config: Mapping[str, Any], where: str = "vision_config",
-                          **overrides: Any) -> VisionConfig:
-  """CLIPVisionConfig / SiglipVisionConfig dict -> VisionConfig (`overrides` replace fields).
-
-  SigLIP gets mean = std = 0.5 (its image processor's); pass mean/std to override.
-  """
-  c = hf_vision_config
-  kind = _VISION_KINDS.get(_req(c, "model_type", where))
-  _expect(kind is not None, f"{where}.model_type",
-          f"{c['model_type']!r} is not one of {sorted(_VISION_KINDS)}")
-  act = c.get("hidden_act", _VISION_ACTS[kind][0])
-  _expect(act in _VISION_ACTS[kind], f"{where}.hidden_act", f"{act!r} unsupported for {kind}")
-  _expect(c.get("num_channels", 3) == 3, f"{where}.num_channels", "only RGB (3) is supported")
-  fields = dict(kind=kind, image_size=_req(c, "image_size", where),
-                patch_size=_req(c, "patch_size", where), width=_req(c, "hidden_size", where),
-                depth=_req(c, "num_hidden_layers", where),
-                heads=_req(c, "num_attention_heads", where),
-                mlp_dim=_req(c, "intermediate_size", where),
-                layer_norm_eps=float(c.get("layer_norm_eps", _VISION_EPS[kind])),
-                **(_SIGLIP_MEAN_STD if kind == "siglip" else {}))
-  cfg = VisionConfig(**{**fields, **overrides})
-  cfg.validate(where)
-  return cfg
-
-
-def _rope_value(c: Mapping[str, Any], key: str, where: str) -> float | None:
-  """`key` from the top level (4.x) or `rope_parameters` (5.x); None if in neither."""
-  params = c.get("rope_parameters") or {}
-  found = {float(v) for v in (c.get(key), params.get(key)) if v is not None}
-  _expect(len(found) <= 1, f"{where}.{key}", f"conflicts with rope_parameters.{key}")
-  return found.pop() if found else None
-
-
-def rope_theta_from_hf(hf_text_config: Mapping[str, Any], where: str = "text_config") -> float:
-  """`rope_theta` from the top level (4.x) or `rope_parameters` (5.x); unscaled RoPE only."""
-  c = hf_text_config
-  params = c.get("rope_parameters") or {}
-  scaling = c.get("rope_scaling") or {}
-  rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-  _expect(rope_type in (None, "default"), f"{where}.rope_parameters.rope_type",
-          f"{rope_type!r} RoPE scaling is not implemented (only default)")
-  theta = _rope_value(c, "rope_theta", where)
-  _expect(theta is not None, f"{where}.rope_theta",
-          f"missing (neither {where}.rope_theta nor {where}.rope_parameters.rope_theta is set)")
-  return theta
-
-
-def _head_dim(c: Mapping[str, Any], width: int, heads: int) -> int:
-  """DecoderConfig.head_dim: 0 when the config's head_dim is width // heads (or unset)."""
-  head_dim = c.get("head_dim") or 0
-  return 0 if head_dim * heads == width else head_dim
-
-
-def decoder_config_from_hf(hf_text_config: Mapping[str, Any],
-                           where: str = "text_config") -> DecoderConfig:
-  """LlamaConfig (LLaMA/Vicuna/Mistral without sliding window) or PhiConfig (model_type
-  "phi") dict -> DecoderConfig of that family, as its *ForCausalLM computes it."""
-  c = hf_text_config
-  if c.get("model_type") == "phi":
-    return _phi_config_from_hf(c, where)
-  _expect(c.get("hidden_act", "silu") == "silu", f"{where}.hidden_act", "only silu is supported")
-  factor = _rope_value(c, "partial_rotary_factor", where)
-  _expect(factor in (None, 1.0), f"{where}.partial_rotary_factor",
-          f"{factor}: partial rotary is implemented for model_type phi only")
-  width, heads = _req(c, "hidden_size", where), _req(c, "num_attention_heads", where)
-  cfg = DecoderConfig(vocab_size=_req(c, "vocab_size", where), width=width,
-                      depth=_req(c, "num_hidden_layers", where), heads=heads,
-                      kv_heads=c.get("num_key_value_heads") or heads,
-                      head_dim=_head_dim(c, width, heads),
-                      mlp_dim=_req(c, "intermediate_size", where),
-                      rope_theta=rope_theta_from_hf(c, where),
-                      norm_eps=float(_req(c, "rms_norm_eps", where)),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                      attention_bias=bool(c.get("attention_bias", False)),
-                      mlp_bias=bool(c.get("mlp_bias", False)))
-  cfg.validate(where)
-  return cfg
-
-
-# PhiConfig's hidden_act for Phi-1/1.5/2; both names are the tanh approximation of GELU.
-_PHI_ACTS = ("gelu_new", "gelu_pytorch_tanh")
-
-
-def _phi_config_from_hf(c: Mapping[str, Any], where: str) -> DecoderConfig:
-  """PhiConfig dict -> DecoderConfig(family="phi"); PhiForCausalLM's lm_head has a bias.
-
-  partial_rotary_factor is required (top level in 4.x, rope_parameters in 5.x): PhiConfig
-  silently defaults it to 0.5 while Phi-2 uses 0.4.
-  """
-  act = c.get("hidden_act")
-  _expect(act in _PHI_ACTS, f"{where}.hidden_act", f"{act!r}: only {_PHI_ACTS} are supported")
-  _expect(not c.get("qk_layernorm"), f"{where}.qk_layernorm",
-          "query/key LayerNorm is not implemented")
-  factor = _rope_value(c, "partial_rotary_factor", where)
-  _expect(factor is not None, f"{where}.partial_rotary_factor",
-          f"missing (neither {where}.partial_rotary_factor nor "
-          f"{where}.rope_parameters.partial_rotary_factor is set)")
-  width, heads = _req(c, "hidden_size", where), _req(c, "num_attention_heads", where)
-  cfg = DecoderConfig(vocab_size=_req(c, "vocab_size", where), width=width,
-                      depth=_req(c, "num_hidden_layers", where), heads=heads,
-                      kv_heads=c.get("num_key_value_heads") or heads,
-                      head_dim=_head_dim(c, width, heads),
-                      mlp_dim=_req(c, "intermediate_size", where),
-                      rope_theta=rope_theta_from_hf(c, where),
-                      norm_eps=float(_req(c, "layer_norm_eps", where)),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-                      family="phi", norm="layer", mlp="gelu", parallel_block=True,
-                      rotary_fraction=factor, attention_bias=True, mlp_bias=True,
-                      lm_head_bias=True)
-  cfg.validate(where)
-  return cfg
-
-
-def model_config_from_hf_llava(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """LlavaConfig dict -> ModelConfig (float32, mlp2x_gelu); `overrides` replace fields.
-
-  vision_feature_select_strategy "default" -> patch, "full" -> cls_patch for CLIP; SigLIP has
-  no class token: "full" -> patch, and "default" (HF drops the first patch) is refused.
-  Embeddings are tied if either the top level or text_config says so (as LlavaConfig does).
-  The decoder family follows text_config.model_type; the lm_head never has a bias (5.x
-  LlavaForConditionalGeneration builds its own, bias-free, even over a Phi text model).
-  """
-  c = hf_config
-  layer = c.get("vision_feature_layer", -2)
-  _expect(isinstance(layer, int), "vision_feature_layer",
-          f"{layer!r}: only a single layer is supported")
-  strategy = c.get("vision_feature_select_strategy", "default")
-  _expect(strategy in ("default", "full"), "vision_feature_select_strategy", repr(strategy))
-  vc = _req(c, "vision_config", "config")
-  siglip = vc.get("model_type") == "siglip_vision_model"
-  _expect(not (siglip and strategy == "default"), "vision_feature_select_strategy",
-          "'default' drops SigLIP's first patch (it has no class token); not supported")
-  select = "cls_patch" if strategy == "full" and not siglip else "patch"
-  _expect(c.get("projector_hidden_act", "gelu") == "gelu", "projector_hidden_act",
-          "only gelu is supported")
-  _expect(c.get("multimodal_projector_bias", True), "multimodal_projector_bias",
-          "a projector without bias is not supported")
-  token = c.get("image_token_index", c.get("image_token_id"))
-  _expect(token is not None, "image_token_index", "missing (nor is image_token_id set)")
-  decoder = decoder_config_from_hf(_req(c, "text_config", "config"))
-  tie = decoder.tie_embeddings or bool(c.get("tie_word_embeddings", False))
-  cfg = ModelConfig(
-      vision=vision_config_from_hf(vc, feature_layer=layer, feature_select=select),
-      projector=ProjectorConfig(kind="mlp2x_gelu"),
-      decoder=dataclasses.replace(decoder, tie_embeddings=tie, lm_head_bias=False),
-      image_token_id=int(token), dtype="float32")
-  cfg = dataclasses.replace(cfg, **overrides)
-  cfg.validate("model")
-  return cfg
-
 
 # ----------------------------------------------------------------------------- rules
 
@@ -280,7 +107,7 @@ def vision_rules(cfg: VisionConfig) -> list[Rule]:
 
 def projector_rules(cfg: ProjectorConfig, d_in: int, d_out: int) -> list[Rule]:
   """LlavaMultiModalProjector (linear_1, gelu, linear_2) <-> Projector (mlp2x_gelu only)."""
-  _expect(cfg.kind == "mlp2x_gelu", "projector.kind",
+  hc.expect(cfg.kind == "mlp2x_gelu", "projector.kind",
           f"{cfg.kind!r} has no Hugging Face LLaVA counterpart (mlp2x_gelu only)")
   return (_linear("linear_1", ("fc1",), (d_in,), (d_out,), bias=True)
           + _linear("linear_2", ("fc2",), (d_out,), (d_out,), bias=True))

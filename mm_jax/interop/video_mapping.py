@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mm_jax.config import ModelConfig, VideoConfig
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 
 _NEWLINE = ("image_newline", "model.image_newline")  # 4.x / 5.x key; LLaVA-NeXT images only
@@ -33,13 +34,13 @@ def model_config_from_hf_llava_next_video(hf_config: Mapping[str, Any], num_fram
   """
   c = hf_config
   mode = c.get("spatial_pool_mode", "average")
-  hm._expect(mode == "average", "spatial_pool_mode",
+  hc.expect(mode == "average", "spatial_pool_mode",
              f"{mode!r}: only average pooling (parameter-free) is supported")
   token = c.get("video_token_index", c.get("video_token_id"))
-  hm._expect(token is not None, "video_token_index", "missing (nor is video_token_id set)")
-  base = hm.model_config_from_hf_llava(c)
+  hc.expect(token is not None, "video_token_index", "missing (nor is video_token_id set)")
+  base = hc.model_config_from_hf_llava(c)
   # "full" keeps CLIP's class token: HF's pooler then fails on the non-square 1 + g*g rows.
-  hm._expect(base.vision.feature_select == "patch", "vision_feature_select_strategy",
+  hc.expect(base.vision.feature_select == "patch", "vision_feature_select_strategy",
              "video pooling needs patch features ('default' for CLIP)")
   video = VideoConfig(num_frames=num_frames, pool=int(c.get("spatial_pool_stride", 2)),
                       tower="shared", projector="shared")
@@ -52,7 +53,7 @@ def model_config_from_hf_llava_next_video(hf_config: Mapping[str, Any], num_fram
 def llava_next_video_rules(cfg: ModelConfig) -> list[hm.Rule]:
   """HF keys (5.x) -> our paths: the LLaVA rules, the tower and projector rules repeated for
   each of towers/{image,video} and projectors/{image,video} that `cfg` builds."""
-  hm._expect("video" in cfg.modalities, "model.modalities",
+  hc.expect("video" in cfg.modalities, "model.modalities",
              f"{cfg.modalities}: a LLaVA-NeXT-Video checkpoint needs 'video'")
   llava = hm.llava_rules(cfg)  # towers/image, projectors/image, decoder
   rules = [r for r in llava if r.path[0] == "decoder"]

@@ -95,6 +95,7 @@ VOCAB, IMAGE_TOKEN, EOS = 64, 63, 2
 
 
 def hf_llava():
+  from mm_jax.interop import hf_config as hc
   from mm_jax.interop import hf_mapping as hm
 
   vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
@@ -115,7 +116,7 @@ def hf_llava():
     for name, p in ref.named_parameters():
       p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 and "norm" in name
               else torch.randn_like(p) * (0.1 if p.ndim == 1 else 2 * p[0].numel() ** -0.5))
-  cfg = hm.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
+  cfg = hc.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
   ours = nnx.eval_shape(lambda: MultimodalModel(cfg, rngs=nnx.Rngs(0)))
   sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   hm.load_flat_into(ours, hm.llava_to_mm(sd, cfg))

@@ -21,6 +21,7 @@ from hf_models import (
 
 from mm_jax import sharding
 from mm_jax.config import ConfigError, ModelConfig
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_import
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop import safetensors_io as sio
@@ -49,8 +50,8 @@ def test_vision_and_decoder_folders_stream_into_their_shardings(tmp_path):
   become sharded arrays equal to hf_mapping's in-memory conversion; the projector is left."""
   clip_dir, clip_sd, llama_dir, llama_sd = tower_and_decoder(tmp_path)
   read = lambda folder: json.load(open(f"{folder}/config.json"))
-  model_cfg = ModelConfig(vision=hm.vision_config_from_hf(read(clip_dir)),
-                          decoder=hm.decoder_config_from_hf(read(llama_dir)),
+  model_cfg = ModelConfig(vision=hc.vision_config_from_hf(read(clip_dir)),
+                          decoder=hc.decoder_config_from_hf(read(llama_dir)),
                           image_token_id=TEXT["vocab_size"])
   cfg = config_like(model_cfg, **MESH, **{"init.vision_from_hf": clip_dir,
                                           "init.decoder_from_hf": llama_dir,
@@ -82,7 +83,7 @@ def test_full_clip_and_siglip_model_folders_give_their_vision_half(tmp_path):
                           ("siglip", transformers.SiglipModel, transformers.SiglipConfig)):
     ref = hf_model(cls, conf(vision_config=VISION, text_config=text))
     folder = save_hf(ref, tmp_path / kind)
-    vision = hm.vision_config_from_hf(ref.config.vision_config.to_dict())
+    vision = hc.vision_config_from_hf(ref.config.vision_config.to_dict())
     src = hf_import.vision_source(folder, ModelConfig(vision=vision))
     got = {p: x for p, _, x in hf_import.tensors(src)}
     sd = {k: v for k, v in state_dict(ref).items() if k.startswith("vision_model.")}
@@ -99,7 +100,7 @@ def llava_dir(tmp_path_factory):
 
 
 def llava_cfg(ref, **overrides):
-  return config_like(hm.model_config_from_hf_llava(ref.config.to_dict()), **overrides)
+  return config_like(hc.model_config_from_hf_llava(ref.config.to_dict()), **overrides)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -170,11 +171,11 @@ def test_sparse_published_configs_complete_like_transformers():
             "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024,
                               "image_size": 336, "intermediate_size": 4096, "patch_size": 14,
                               "num_attention_heads": 16, "num_hidden_layers": 24}}
-  ours = hm.model_config_from_hf_llava(hf_import.complete(sparse))
-  theirs = hm.model_config_from_hf_llava(transformers.LlavaConfig(**sparse).to_dict())
+  ours = hc.model_config_from_hf_llava(hf_import.complete(sparse))
+  theirs = hc.model_config_from_hf_llava(transformers.LlavaConfig(**sparse).to_dict())
   assert ours == theirs and ours.decoder.width == 4096 and ours.vision.width == 1024
-  assert hm.model_config_from_hf_llava(hf_import.complete({"model_type": "llava"})) == \
-      hm.model_config_from_hf_llava(transformers.LlavaConfig().to_dict())
+  assert hc.model_config_from_hf_llava(hf_import.complete({"model_type": "llava"})) == \
+      hc.model_config_from_hf_llava(transformers.LlavaConfig().to_dict())
   for kind, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
                     ("clip_vision_model", transformers.CLIPVisionConfig),
                     ("siglip_vision_model", transformers.SiglipVisionConfig)):

@@ -30,6 +30,7 @@ from hf_models import (
 )
 
 from mm_jax.config import ConfigError, DecoderConfig, ProjectorConfig, VisionConfig
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.multimodal import MultimodalModel
@@ -68,7 +69,7 @@ def vision_hf(kind: str):
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_vision_tower_matches_hf(kind):
   ref = vision_hf(kind)
-  cfg = hm.vision_config_from_hf(ref.config.to_dict())
+  cfg = hc.vision_config_from_hf(ref.config.to_dict())
   assert cfg.kind == kind
   flat = hm.vision_to_mm(state_dict(ref), cfg)
   tower = abstract(VisionTower, cfg)
@@ -114,7 +115,7 @@ def test_llama_matches_hf(tie, head_dim, bias):
   config = transformers.LlamaConfig(**TEXT, tie_word_embeddings=tie, head_dim=head_dim,
                                     attention_bias=bias, mlp_bias=bias)
   ref = hf_model(transformers.LlamaForCausalLM, config)
-  cfg = hm.decoder_config_from_hf(ref.config.to_dict())
+  cfg = hc.decoder_config_from_hf(ref.config.to_dict())
   assert (cfg.tie_embeddings, cfg.rope_theta, cfg.kv_heads) == (tie, 500.0, 2)
   assert cfg.attention_bias == cfg.mlp_bias == bias
   assert cfg.head_size == (head_dim or 8)
@@ -154,7 +155,7 @@ def test_packed_segments_match_separate_sequences():
 ])
 def test_llava_matches_hf(vision, strategy, layout, tie):
   ref = llava_hf(vision, strategy, tie)
-  cfg = hm.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
+  cfg = hc.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
   assert cfg.image_token_id == IMAGE_TOKEN and cfg.decoder.tie_embeddings == tie
   assert cfg.vision.feature_select == ("cls_patch" if (vision, strategy) == ("clip", "full")
                                        else "patch")
@@ -186,7 +187,7 @@ def old_layout(sd: dict) -> dict:
 @pytest.mark.parametrize("vision,tie", [("clip", False), ("siglip", True)])
 def test_llava_layouts_and_export_roundtrip(vision, tie):
   ref = llava_hf(vision, "full", tie)
-  cfg = hm.model_config_from_hf_llava(ref.config.to_dict())
+  cfg = hc.model_config_from_hf_llava(ref.config.to_dict())
   sd = state_dict(ref)
   flat = hm.llava_to_mm(sd, cfg)
   flat_old = hm.llava_to_mm(old_layout(sd), cfg)
@@ -225,17 +226,17 @@ def test_load_flat_into_rejects_mismatches():
 
 def test_config_rope_theta_both_places_or_error():
   base = transformers.LlamaConfig(**TEXT).to_dict()
-  assert hm.decoder_config_from_hf(base).rope_theta == 500.0  # 5.x: rope_parameters
+  assert hc.decoder_config_from_hf(base).rope_theta == 500.0  # 5.x: rope_parameters
   old = {k: v for k, v in base.items() if k != "rope_parameters"} | {"rope_theta": 250.0}
-  assert hm.decoder_config_from_hf(old).rope_theta == 250.0  # 4.x: top level
+  assert hc.decoder_config_from_hf(old).rope_theta == 250.0  # 4.x: top level
   neither = {k: v for k, v in old.items() if k != "rope_theta"}
   with pytest.raises(ConfigError, match="text_config.rope_theta"):
-    hm.decoder_config_from_hf(neither)
+    hc.decoder_config_from_hf(neither)
   with pytest.raises(ConfigError, match="conflicts"):
-    hm.decoder_config_from_hf(base | {"rope_theta": 1.0})
+    hc.decoder_config_from_hf(base | {"rope_theta": 1.0})
   scaled = base | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}
   with pytest.raises(ConfigError, match="rope_type"):
-    hm.decoder_config_from_hf(scaled)
+    hc.decoder_config_from_hf(scaled)
 
 
 def test_llava_config_rejects_what_we_cannot_express():
@@ -243,13 +244,13 @@ def test_llava_config_rejects_what_we_cannot_express():
   llava = transformers.LlavaConfig(vision_config=vision, text_config=TEXT,
                                    image_token_index=IMAGE_TOKEN).to_dict()
   with pytest.raises(ConfigError, match="vision_feature_select_strategy"):
-    hm.model_config_from_hf_llava(llava)  # "default" would drop SigLIP's first patch
+    hc.model_config_from_hf_llava(llava)  # "default" would drop SigLIP's first patch
   with pytest.raises(ConfigError, match="vision_feature_layer"):
-    hm.model_config_from_hf_llava(llava | {"vision_feature_select_strategy": "full",
+    hc.model_config_from_hf_llava(llava | {"vision_feature_select_strategy": "full",
                                            "vision_feature_layer": [-2, -1]})
   with pytest.raises(ConfigError, match="text_config.rms_norm_eps"):
     text = {k: v for k, v in llava["text_config"].items() if k != "rms_norm_eps"}
-    hm.model_config_from_hf_llava(llava | {"vision_feature_select_strategy": "full",
+    hc.model_config_from_hf_llava(llava | {"vision_feature_select_strategy": "full",
                                            "text_config": text})
 
 

@@ -26,6 +26,7 @@ from test_phi_parity import PHI_TEXT
 from mm_jax import sharding
 from mm_jax.config import ConfigError, LoraConfig
 from mm_jax.interop import hf, hf_export, peft_export
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop import safetensors_io as sio
 from mm_jax.models import lora
@@ -109,7 +110,7 @@ def test_phi_adapters_load_into_peft_over_phi_for_causal_lm(tmp_path):
   """A bare Phi decoder (module paths "layers/3/q"): dense, fc1/fc2 and the biased lm_head,
   partial rotary; the LLaMA mapping is covered through LLaVA above."""
   ref = hf_model(transformers.PhiForCausalLM, transformers.PhiConfig(**PHI_TEXT))
-  cfg = hm.decoder_config_from_hf(ref.config.to_dict())
+  cfg = hc.decoder_config_from_hf(ref.config.to_dict())
   decoder = abstract(Decoder, cfg)
   hm.load_flat_into(decoder, hm.decoder_to_mm(state_dict(ref), cfg))
   lora_cfg = LoraConfig(rank=RANK, alpha=ALPHA,

@@ -34,6 +34,7 @@ from mm_jax import sharding
 from mm_jax.config import ConfigError, DecoderConfig, ModelConfig
 from mm_jax.infer.generate import Decoding, Generator, left_pad
 from mm_jax.interop import hf, hf_export, hf_import
+from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.multimodal import MultimodalModel
@@ -73,7 +74,7 @@ def cached_logits(decoder: Decoder, tokens: jax.Array, prefill: int) -> jax.Arra
 @pytest.mark.parametrize("tie", [False, True])
 def test_phi_matches_hf_full_pass_and_kv_cache(tie):
   ref = phi_hf(tie)
-  cfg = hm.decoder_config_from_hf(ref.config.to_dict())
+  cfg = hc.decoder_config_from_hf(ref.config.to_dict())
   assert (cfg.family, cfg.head_size, cfg.rotary_dims, cfg.kv_heads) == ("phi", 10, 4, 2)
   assert cfg.lm_head_bias and cfg.tie_embeddings == tie
   decoder = abstract(Decoder, cfg)
@@ -94,7 +95,7 @@ def test_phi_matches_hf_full_pass_and_kv_cache(tie):
 
 def test_llava_phi_matches_hf():
   ref = hf_model(transformers.LlavaForConditionalGeneration, llava_phi_config())
-  cfg = hm.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
+  cfg = hc.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
   assert cfg.decoder.family == "phi" and not cfg.decoder.lm_head_bias  # LLaVA's own head
   model = abstract(MultimodalModel, cfg)
   hm.load_flat_into(model, hm.llava_to_mm(state_dict(ref), cfg))
@@ -115,7 +116,7 @@ def test_llava_phi_greedy_matches_transformers_generate():
       p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 and "norm" in name
               and name.endswith(".weight")
               else torch.randn_like(p) * (0.1 if p.ndim == 1 else 2 * p[0].numel() ** -0.5))
-  cfg = hm.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
+  cfg = hc.model_config_from_hf_llava(ref.config.to_dict(), attention="xla", merge="xla")
   ours = abstract(MultimodalModel, cfg)
   hm.load_flat_into(ours, hm.llava_to_mm(state_dict(ref), cfg))
   per, rng = cfg.vision.tokens_per_image, np.random.default_rng(5)
@@ -144,7 +145,7 @@ def test_llava_phi_greedy_matches_transformers_generate():
 def test_llava_phi_folder_imports_and_exports_to_the_same_logits(tmp_path):
   ref = hf_model(transformers.LlavaForConditionalGeneration, llava_phi_config())
   folder = save_hf(ref, tmp_path / "hf")
-  cfg = config_like(hm.model_config_from_hf_llava(ref.config.to_dict()),
+  cfg = config_like(hc.model_config_from_hf_llava(ref.config.to_dict()),
                     **{"init.llava_from_hf": folder})
   model = hf.load_model(cfg, sharding.make_mesh(cfg.mesh))
   out = str(tmp_path / "out")
@@ -162,7 +163,7 @@ def test_llava_phi_folder_imports_and_exports_to_the_same_logits(tmp_path):
 def test_phi_folder_streams_into_the_decoder_and_mismatches_name_the_key(tmp_path):
   ref = phi_hf()
   folder = save_hf(ref, tmp_path / "phi")
-  decoder = hm.decoder_config_from_hf(hf_import.read_config(folder))
+  decoder = hc.decoder_config_from_hf(hf_import.read_config(folder))
   tiny = tiny_config().model  # a small random tower and projector around the Phi decoder
   cfg = config_like(dataclasses.replace(tiny, decoder=decoder), **{"init.decoder_from_hf": folder})
   (src,) = hf_import.sources(cfg.init, cfg.model)
@@ -192,10 +193,10 @@ def test_phi_folder_streams_into_the_decoder_and_mismatches_name_the_key(tmp_pat
 
 def test_phi_config_reads_both_layouts_and_refuses_what_it_cannot_express():
   base = transformers.PhiConfig(**PHI_TEXT).to_dict()  # 5.x: inside rope_parameters
-  assert hm.decoder_config_from_hf(base).rotary_fraction == 0.4
+  assert hc.decoder_config_from_hf(base).rotary_fraction == 0.4
   old = {k: v for k, v in base.items() if k != "rope_parameters"} | {
       "rope_theta": 500.0, "partial_rotary_factor": 0.4}  # 4.x: top level
-  assert hm.decoder_config_from_hf(old) == hm.decoder_config_from_hf(base)
+  assert hc.decoder_config_from_hf(old) == hc.decoder_config_from_hf(base)
   for bad, message in (
       ({k: v for k, v in old.items() if k != "partial_rotary_factor"},
        "text_config.partial_rotary_factor: missing"),
@@ -206,14 +207,14 @@ def test_phi_config_reads_both_layouts_and_refuses_what_it_cannot_express():
       (transformers.LlamaConfig(vocab_size=64).to_dict() | {"partial_rotary_factor": 0.5},
        "text_config.partial_rotary_factor: 0.5: partial rotary is implemented for .*phi")):
     with pytest.raises(ConfigError, match=message):
-      hm.decoder_config_from_hf(bad)
+      hc.decoder_config_from_hf(bad)
   # config.json files: PhiConfig's class defaults, but no partial_rotary_factor (0.5 there).
   ref = transformers.PhiConfig().to_dict()
   for key, value in hf_import.complete({}, "phi").items():
     want = ref["rope_parameters"][key] if key == "rope_theta" else ref[key]
     assert value == want, key
   with pytest.raises(ConfigError, match="partial_rotary_factor"):
-    hm.decoder_config_from_hf(hf_import.complete({}, "phi"))
+    hc.decoder_config_from_hf(hf_import.complete({}, "phi"))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -231,7 +232,7 @@ def test_decoder_family_combinations_name_the_key(overrides, message):
 
 
 def test_export_refuses_a_lm_head_bias():
-  phi = hm.decoder_config_from_hf(transformers.PhiConfig(**PHI_TEXT).to_dict())
+  phi = hc.decoder_config_from_hf(transformers.PhiConfig(**PHI_TEXT).to_dict())
   with pytest.raises(ConfigError, match="config.model.decoder.lm_head_bias"):
     hf_export.check_exportable(ModelConfig(decoder=phi))
   hf_export.check_exportable(ModelConfig(decoder=dataclasses.replace(phi, lm_head_bias=False)))
