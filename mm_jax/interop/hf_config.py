@@ -96,19 +96,23 @@ def decoder_config_from_hf(hf_text_config: Mapping[str, Any],
   factor = _rope_value(c, "partial_rotary_factor", where)
   expect(factor in (None, 1.0), f"{where}.partial_rotary_factor",
           f"{factor}: partial rotary is implemented for model_type phi only")
-  width, heads = req(c, "hidden_size", where), req(c, "num_attention_heads", where)
-  cfg = DecoderConfig(vocab_size=req(c, "vocab_size", where), width=width,
-                      depth=req(c, "num_hidden_layers", where), heads=heads,
-                      kv_heads=c.get("num_key_value_heads") or heads,
-                      head_dim=_head_dim(c, width, heads),
-                      mlp_dim=req(c, "intermediate_size", where),
-                      rope_theta=rope_theta_from_hf(c, where),
+  cfg = DecoderConfig(**_shape_fields(c, where),
                       norm_eps=float(req(c, "rms_norm_eps", where)),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                       attention_bias=bool(c.get("attention_bias", False)),
                       mlp_bias=bool(c.get("mlp_bias", False)))
   cfg.validate(where)
   return cfg
+
+
+def _shape_fields(c: Mapping[str, Any], where: str) -> dict[str, Any]:
+  """The DecoderConfig fields that LlamaConfig and PhiConfig spell alike."""
+  width, heads = req(c, "hidden_size", where), req(c, "num_attention_heads", where)
+  return dict(vocab_size=req(c, "vocab_size", where), width=width,
+              depth=req(c, "num_hidden_layers", where), heads=heads,
+              kv_heads=c.get("num_key_value_heads") or heads,
+              head_dim=_head_dim(c, width, heads), mlp_dim=req(c, "intermediate_size", where),
+              rope_theta=rope_theta_from_hf(c, where),
+              tie_embeddings=bool(c.get("tie_word_embeddings", False)))
 
 
 # PhiConfig's hidden_act for Phi-1/1.5/2; both names are the tanh approximation of GELU.
@@ -129,15 +133,8 @@ def _phi_config_from_hf(c: Mapping[str, Any], where: str) -> DecoderConfig:
   expect(factor is not None, f"{where}.partial_rotary_factor",
           f"missing (neither {where}.partial_rotary_factor nor "
           f"{where}.rope_parameters.partial_rotary_factor is set)")
-  width, heads = req(c, "hidden_size", where), req(c, "num_attention_heads", where)
-  cfg = DecoderConfig(vocab_size=req(c, "vocab_size", where), width=width,
-                      depth=req(c, "num_hidden_layers", where), heads=heads,
-                      kv_heads=c.get("num_key_value_heads") or heads,
-                      head_dim=_head_dim(c, width, heads),
-                      mlp_dim=req(c, "intermediate_size", where),
-                      rope_theta=rope_theta_from_hf(c, where),
+  cfg = DecoderConfig(**_shape_fields(c, where),
                       norm_eps=float(req(c, "layer_norm_eps", where)),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                       family="phi", norm="layer", mlp="gelu", parallel_block=True,
                       rotary_fraction=factor, attention_bias=True, mlp_bias=True,
                       lm_head_bias=True)
