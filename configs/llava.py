@@ -135,6 +135,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,
       pack=True, num_train=20000, num_eval=512, seed=0, worker_count=0 if not big else 16,
+      read_threads=-1,
       videos_per_sample=1, audios_per_sample=1, audio_seq_len=3000, clip_seconds=1.0,
       interleave_av=False, turns=1, curriculum=(), curriculum_samples=0,
       json="", eval_json="", image_dir="", tfds_dir="", tokenizer="",

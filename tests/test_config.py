@@ -49,6 +49,7 @@ def test_finetune_freezes_only_the_tower():
     ("mesh.data", 0, "config.mesh"),
     ("stage", "pretrain", "config.stage"),
     ("data.turns", 0, "config.data.turns"),
+    ("data.read_threads", -2, "config.data.read_threads"),
     ("data.curriculum", ("video/vertical",), "config.data.curriculum"),  # samples missing
 ])
 def test_bad_values_name_the_key(key, value, message):

@@ -328,13 +328,23 @@ def _row_from_packed(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return row
 
 
+def read_threads(data: DataConfig) -> int:
+  """grain read threads: `data.read_threads`, or for -1 one thread for the synthetic sources
+  (small numpy calls that hold the GIL; config/run.py) and grain's 16 for decoders."""
+  if data.read_threads >= 0:
+    return data.read_threads
+  return 1 if data.source in ("synthetic", "synthetic_av") else 16
+
+
 def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,
               global_batch: int, stats: skips.SkipStats, *, with_kind: bool = False
               ) -> grain.DatasetIterator:
   pc, pi = jax.process_count(), jax.process_index()
   if global_batch % pc:
     raise ValueError(f"config.train.batch_size {global_batch} not divisible by {pc} processes")
-  it = items[pi::pc].map(make).to_iter_dataset()  # each process reads only its own items
+  # Each process reads only its own items.
+  options = grain.ReadOptions(num_threads=read_threads(data))
+  it = items[pi::pc].map(make).to_iter_dataset(options)
   if data.worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use, tests)
       flags.FLAGS.mark_as_parsed()

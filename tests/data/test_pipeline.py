@@ -191,6 +191,21 @@ def test_worker_processes_give_the_same_batches():
     np.testing.assert_array_equal(next(a)["tokens"], next(b)["tokens"])
 
 
+def test_read_threads_change_speed_not_batches():
+  cfg, spec = _spec()
+  assert pipeline.read_threads(cfg.data) == 1  # -1: the synthetic sources hold the GIL
+  json_data = dataclasses.replace(cfg.data, source="llava_json")
+  assert pipeline.read_threads(json_data) == 16
+  assert pipeline.read_threads(dataclasses.replace(json_data, read_threads=0)) == 0
+  its = [pipeline.train_iterator(dataclasses.replace(cfg.data, read_threads=n), spec,
+                                 global_batch=4, seed=0) for n in (0, 1, 4)]
+  for _ in range(3):
+    a, *rest = [next(it) for it in its]
+    for b in rest:
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_a_data_set_of_bad_records_stops_with_a_clear_error(monkeypatch):
   from mm_jax.data import skips
 
