@@ -55,8 +55,7 @@ def load_model(cfg: Config, mesh: jax.sharding.Mesh) -> MultimodalModel:
 def restore_model(cfg: Config, workdir: str, step: int | None = None,
                   mesh: jax.sharding.Mesh | None = None) -> tuple[MultimodalModel, int]:
   """(model, step) from WORKDIR/checkpoints (the latest step unless `step`), restored into
-  `mesh`'s shardings (default: FSDP over every device). The optimizer state is restored
-  too (a checkpoint holds the whole TrainState) and dropped."""
+  `mesh`'s shardings (default: FSDP over every device). The optimizer state is not read."""
   from mm_jax.train import state as state_lib
   from mm_jax.train.checkpoint import Checkpointer
 
@@ -72,7 +71,8 @@ def restore_model(cfg: Config, workdir: str, step: int | None = None,
       raise FileNotFoundError(f"{directory}: no checkpoint for step {step} "
                               f"(have {sorted(ckpt.manager.all_steps())})")
     with jax.set_mesh(mesh):
-      state = state_lib.restore(built, cfg, ckpt, step)  # a LoRA run: base from its source
+      # A LoRA run: base from its source. No optimizer state: generation needs none.
+      state = state_lib.restore(built, cfg, ckpt, step, optimizer=False)
   finally:
     ckpt.close()
   return nnx.merge(built.fns.graphdef, state.params, state.frozen), step

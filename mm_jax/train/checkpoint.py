@@ -42,10 +42,24 @@ class Checkpointer:
       items["base"] = ocp.args.JsonSave(base)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, target, data_iterator=None, *, with_base: bool = False):
+  def restore(self, step: int, target, data_iterator=None, *, with_base: bool = False,
+              partial: bool = False):
     """Restores the state into `target`'s shapes and shardings (any mesh), and the
     iterator position in place. `target`: pytree of jax.ShapeDtypeStruct with shardings.
-    with_base: returns (state, the base record save() wrote)."""
+    with_base: returns (state, the base record save() wrote). partial: `target` is a dict
+    of some of the state's top-level fields; only those are read."""
+    if partial:  # orbax's partial restore: only these fields' arrays are read
+      if data_iterator is not None:
+        raise ValueError("a partial restore is for eval and generate: no data position")
+      state = ocp.PyTreeCheckpointer().restore(
+          os.path.join(self.directory, str(step), "state"),
+          args=ocp.args.PyTreeRestore(
+              target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+      if not with_base:
+        return state
+      base = self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))
+      return state, base["base"]
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

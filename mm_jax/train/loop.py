@@ -125,9 +125,14 @@ def train(cfg: Config, workdir: str) -> dict:
 
 @functools.cache
 def _eval_fn(built, batch_sh_items):
-  """The jitted eval step, built once per (state layout, batch layout)."""
+  """The jitted eval step, built once per (state layout, batch layout). It takes the state
+  without its optimizer state (`_weights`), which --mode=eval never reads."""
   return jax.jit(functools.partial(eval_step, built.fns),
-                 in_shardings=(built.shardings, dict(batch_sh_items)))
+                 in_shardings=(_weights(built.shardings), dict(batch_sh_items)))
+
+
+def _weights(state):
+  return state.replace(opt_state=None)
 
 
 def has_eval_data(cfg: Config) -> bool:
@@ -147,7 +152,7 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
     if cfg.train.eval_batches and i >= cfg.train.eval_batches:
       break
     kinds = local.pop("kind")[:, 0]
-    out = fn(state, pipeline.global_batch(drop_modality(cfg, local), batch_sh))
+    out = fn(_weights(state), pipeline.global_batch(drop_modality(cfg, local), batch_sh))
     rows = {k: multihost_utils.process_allgather(out.pop(k), tiled=True)
             for k in ("row_exact", "row_answer")}
     out = jax.device_get(out)
@@ -223,7 +228,7 @@ def evaluate(cfg: Config, workdir: str) -> dict:
     raise FileNotFoundError(f"--mode=eval: no checkpoint under {workdir}/checkpoints")
   try:
     with jax.set_mesh(mesh):
-      state = state_lib.restore(built, cfg, ckpt, step)
+      state = state_lib.restore(built, cfg, ckpt, step, optimizer=False)
       result = evaluate_state(cfg, built, state, mesh)
   finally:
     ckpt.close()

@@ -133,15 +133,30 @@ def _initialise_quantised(built: Built, cfg: Config) -> TrainState:
   return fp.replace(frozen=frozen)  # trainable params and optimizer state are the same
 
 
-def restore(built: Built, cfg: Config, ckpt: Checkpointer, step: int, data=None
-            ) -> TrainState:
+def restore(built: Built, cfg: Config, ckpt: Checkpointer, step: int, data=None, *,
+            optimizer: bool = True) -> TrainState:
   """The train state at checkpoint `step` (and the data position, with `data`). A LoRA
-  checkpoint has no base: it is rebuilt from its source and must match the fingerprint."""
+  checkpoint has no base: it is rebuilt from its source and must match the fingerprint.
+
+  optimizer=False: the optimizer state is never read and comes back None (generate and
+  eval need only the weights; AdamW's moments are twice their size)."""
   target = restore_target(built.abstract, built.shardings)
-  if not base.saves_base(cfg):
-    return ckpt.restore(step, target, data)
+  lora_base = base.saves_base(cfg)
+  if lora_base:
+    target = target.replace(frozen=None)
+  if optimizer:
+    out = ckpt.restore(step, target, data, with_base=lora_base)
+  else:
+    fields = {k: getattr(target, k) for k in ("step", "params", "frozen")
+              if getattr(target, k) is not None}
+    out = ckpt.restore(step, fields, data, with_base=lora_base, partial=True)
+  state, saved = out if lora_base else (out, None)
+  if not optimizer:
+    state = TrainState(step=state["step"], params=state["params"],
+                       frozen=state.get("frozen"), opt_state=None)
+  if not lora_base:
+    return state
   fresh = initialise(built, cfg)
-  state, saved = ckpt.restore(step, target.replace(frozen=None), data, with_base=True)
   base.check(saved, fresh.frozen, cfg, f"{ckpt.directory} step {step}")
   return state.replace(frozen=fresh.frozen)
 

@@ -63,3 +63,29 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
 def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint under"):
     loop.evaluate(tiny_config(**CFG), str(tmp_path))
+
+
+def test_eval_restores_the_weights_without_the_optimizer_state(tmp_path):
+  import jax
+
+  from mm_jax import sharding
+  from mm_jax.train import state as state_lib
+  from mm_jax.train.checkpoint import Checkpointer
+
+  cfg = tiny_config(**{**CFG, "train.steps": 10})
+  trained = loop.train(cfg, str(tmp_path))
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(cfg, mesh)
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)
+  with jax.set_mesh(mesh):
+    full = state_lib.restore(built, cfg, ckpt, 10)
+    weights = state_lib.restore(built, cfg, ckpt, 10, optimizer=False)
+  ckpt.close()
+  assert weights.opt_state is None and jax.tree.leaves(full.opt_state)
+  for a, b in zip(jax.tree.leaves((full.params, full.frozen)),
+                  jax.tree.leaves((weights.params, weights.frozen)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert a.sharding == b.sharding
+  # --mode=eval (optimizer=False) scores the checkpoint as the run's own final eval did.
+  evaluated = loop.evaluate(cfg, str(tmp_path))
+  np.testing.assert_allclose(evaluated["eval/loss"], trained["eval/loss"], rtol=1e-6)

@@ -100,9 +100,12 @@ def test_checkpoint_holds_what_trains_and_refuses_another_base(tmp_path):
   ckpt.save(5, state, data, force=True, base=record)
   ckpt.wait()
   restored = state_lib.restore(built, cfg, ckpt, 5)
-  for a, b in ((restored.params, state.params), (restored.frozen, state.frozen)):
-    for (name, x), (_, y) in zip(flat(a).items(), flat(b).items(), strict=True):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+  weights = state_lib.restore(built, cfg, ckpt, 5, optimizer=False)  # generate's restore
+  assert weights.opt_state is None
+  for r in (restored, weights):
+    for a, b in ((r.params, state.params), (r.frozen, state.frozen)):
+      for (name, x), (_, y) in zip(flat(a).items(), flat(b).items(), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
   # The stored state has no base: its tree lists adapters and the projector only.
   meta = ckpt.manager.item_metadata(5)["state"]
   stored = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(meta)[0]]
