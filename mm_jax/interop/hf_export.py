@@ -14,7 +14,7 @@ in the embedding table before it scatters image features over the placeholders
 (modeling_llava.py: `inputs_embeds = self.get_input_embeddings()(input_ids)`). The export
 then grows the embedding table and lm_head by zero rows to V' = image_token_id + 1
 (text_config.vocab_size = V'): logits over the first V ids are unchanged, the extra ones
-are 0.
+are 0. `config.init.llava_from_hf` of such a folder drops those rows again.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ _LAYOUT = (("model.vision_tower.", "vision_tower.vision_model."),
            ("model.multi_modal_projector.", "multi_modal_projector."),
            ("model.language_model.", "language_model.model."),
            ("lm_head.", "language_model.lm_head."))
-_GROWN = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # [V, D]
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -63,7 +62,7 @@ def _text_config(cfg: ModelConfig, special: dict[str, int | None], max_positions
   """text_config: LlamaConfig or PhiConfig fields. RoPE values sit both at the top (4.x
   reads them there) and in rope_parameters (5.x)."""
   d = cfg.decoder
-  common = dict(vocab_size=exported_vocab(cfg), hidden_size=d.width,
+  common = dict(vocab_size=hm.grown_vocab(cfg), hidden_size=d.width,
                 intermediate_size=d.mlp_dim, num_hidden_layers=d.depth,
                 num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
                 rope_theta=d.rope_theta, max_position_embeddings=max_positions,
@@ -77,11 +76,6 @@ def _text_config(cfg: ModelConfig, special: dict[str, int | None], max_positions
   return dict(model_type="llama", head_dim=d.head_size, hidden_act="silu",
               rms_norm_eps=d.norm_eps, rope_parameters=rope,
               attention_bias=d.attention_bias, mlp_bias=d.mlp_bias, **common)
-
-
-def exported_vocab(cfg: ModelConfig) -> int:
-  """V' = max(V, image_token_id + 1): transformers embeds the placeholder id too."""
-  return max(cfg.decoder.vocab_size, cfg.image_token_id + 1)
 
 
 def _published(key: str) -> str:
@@ -132,16 +126,16 @@ def write_weights(model: MultimodalModel, cfg: ModelConfig, out: str, dtype: np.
   missing = sorted(hm.path_str(r.path) for r in rules.values() if r.path not in params)
   if missing:
     raise ValueError(f"the model lacks parameters the export needs: {missing[:8]}")
-  rows = exported_vocab(cfg)
+  rows = hm.grown_vocab(cfg)
 
   def shape(key: str) -> tuple[int, ...]:
     s = rules[key].hf_shape
-    return (rows, *s[1:]) if key in _GROWN else s
+    return (rows, *s[1:]) if key in hm.VOCAB_ROWS else s
 
   def fetch(key: str) -> np.ndarray:
     r = rules[key]
     x = r.to_hf(np.asarray(jax.device_get(params[r.path].get_value()), np.float32))
-    if key in _GROWN and rows > x.shape[0]:
+    if key in hm.VOCAB_ROWS and rows > x.shape[0]:
       x = np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
     return x.astype(dtype)
 

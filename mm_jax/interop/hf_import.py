@@ -179,6 +179,8 @@ class Source:
   tied: a stored `lm_head.weight` is the embedding table again and is skipped;
   verify: (normalised key, check) for tensors that are read and checked but not loaded
   (Whisper's fixed `embed_positions.weight`); check raises ValueError.
+  vocab_rows: rows of the hf_mapping.VOCAB_ROWS tensors when an export grew them past the
+  preset's vocabulary (0: as the rules say); the extra rows must be zero and are dropped.
   """
 
   folder: str
@@ -187,6 +189,7 @@ class Source:
   only: str = ""
   tied: bool = False
   verify: tuple[tuple[str, Callable[[np.ndarray], None]], ...] = ()
+  vocab_rows: int = 0
 
 
 def _rooted(rules: Sequence[hm.Rule], prefix: hm.Path) -> tuple[hm.Rule, ...]:
@@ -199,6 +202,12 @@ def llava_source(folder: str, cfg: ModelConfig) -> Source:
   _expect_type(raw, ("llava",), "llava_from_hf", path)
   theirs = _hf_config(folder, "llava_from_hf", hc.model_config_from_hf_llava, raw)
   _check_text(raw["text_config"], folder)
+  # hf_export's zero rows up to the placeholder id (tiny: V 128 -> 129) are not vocabulary.
+  v, rows = cfg.decoder.vocab_size, theirs.decoder.vocab_size
+  grown = rows if rows == hm.grown_vocab(cfg) > v else 0
+  if grown:
+    theirs = dataclasses.replace(theirs, decoder=dataclasses.replace(theirs.decoder,
+                                                                     vocab_size=v))
   compare(cfg.vision, theirs.vision, VISION_KEYS, "config.model.vision", path, "vision_config.")
   compare(cfg.vision, theirs.vision, LLAVA_VISION_KEYS, "config.model.vision", path)
   compare(cfg.decoder, theirs.decoder, decoder_keys(cfg.decoder.family),
@@ -207,7 +216,8 @@ def llava_source(folder: str, cfg: ModelConfig) -> Source:
   compare(cfg.projector, theirs.projector, dict(kind="projector_hidden_act"),
           "config.model.projector", path)
   _check_mean_std(folder, cfg.vision)
-  return Source(folder, "llava", tuple(hm.llava_rules(cfg)), tied=cfg.decoder.tie_embeddings)
+  return Source(folder, "llava", tuple(hm.llava_rules(cfg)), tied=cfg.decoder.tie_embeddings,
+                vocab_rows=grown)
 
 
 def vision_source(folder: str, cfg: ModelConfig) -> Source:
@@ -324,12 +334,27 @@ def tensors(src: Source) -> Iterator[tuple[hm.Path, hm.Rule, np.ndarray]]:
       raise ValueError(f"{src.folder}: tensor {rule.hf!r} (for {hm.path_str(rule.path)}) "
                        "is missing from its safetensors files")
     x = st.get(name)
+    if src.vocab_rows and rule.hf in hm.VOCAB_ROWS:
+      x = _drop_grown_rows(x, src.vocab_rows, rule, f"{name} in {st.file_of(name)}")
     if x.shape != rule.hf_shape:
       raise ValueError(f"{name} in {st.file_of(name)}: shape {x.shape}, expected "
                        f"{rule.hf_shape} for {hm.path_str(rule.path)}")
     if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
       raise ValueError(f"{name} in {st.file_of(name)}: dtype {x.dtype} is not floating point")
     yield rule.path, rule, rule.to_mm(x)
+
+
+def _drop_grown_rows(x: np.ndarray, rows: int, rule: hm.Rule, where: str) -> np.ndarray:
+  """x [rows, ...] -> x[:V] for the rule's V, if rows V.. are zero (hf_export's padding)."""
+  v = rule.hf_shape[0]
+  if x.shape != (rows, *rule.hf_shape[1:]):
+    raise ValueError(f"{where}: shape {x.shape}, expected {(rows, *rule.hf_shape[1:])} "
+                     f"(config.json's vocab_size) for {hm.path_str(rule.path)}")
+  if np.any(np.asarray(x[v:], np.float32)):
+    raise ValueError(f"{where}: rows {v}-{rows - 1} are not zero, so they are vocabulary, not "
+                     f"an export's padding up to the image token: set "
+                     f"config.model.decoder.vocab_size={rows}")
+  return x[:v]
 
 
 def _sharded(x: np.ndarray, like: jax.Array | jax.ShapeDtypeStruct) -> jax.Array:

@@ -188,6 +188,17 @@ def llava_rules(cfg: ModelConfig) -> list[Rule]:
           + _prefixed(head, "", ("decoder",)))
 
 
+# LlavaForConditionalGeneration tensors with the vocabulary first. transformers looks every
+# input id up in the table, the placeholder's too, so an export grows them by zero rows to
+# grown_vocab when image_token_id lies outside it; an import of such a folder drops them.
+VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def grown_vocab(cfg: ModelConfig) -> int:
+  """V' = max(V, image_token_id + 1): the rows an exported table has."""
+  return max(cfg.decoder.vocab_size, cfg.image_token_id + 1)
+
+
 # ----------------------------------------------------------------------------- state dicts
 
 # Older layouts -> transformers 5.x keys; the first matching pattern renames a key.

@@ -49,7 +49,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
 BASE_FROZEN = ("",)  # a freeze regex matching every path: nothing but the adapters trained
 # Tensors with a vocabulary dim first, grown to V' rows as hf_export grows the base.
-_GROWN = ("model.language_model.embed_tokens.weight", "lm_head.weight", "lm_head.lora_B.weight")
+_GROWN = (*hm.VOCAB_ROWS, "lm_head.lora_B.weight")
 
 
 def _module(hf_key: str) -> str:
@@ -156,7 +156,7 @@ def export_llava(model: nnx.Module, cfg: Config, out: str, *, dtype: str = "") -
   hf_export.check_exportable(cfg.model)
   return write(model, hm.llava_rules(cfg.model), cfg.lora, out, freeze=cfg.optim.freeze,
                base=cfg.init.llava_from_hf, dtype=dtype or cfg.model.param_dtype,
-               rows=hf_export.exported_vocab(cfg.model))
+               rows=hm.grown_vocab(cfg.model))
 
 
 def export_decoder(decoder: nnx.Module, cfg: DecoderConfig, lora: LoraConfig, out: str, *,

@@ -104,6 +104,14 @@ def test_export_grows_the_table_for_a_sentinel_image_token(tmp_path):
   config = json.load(open(os.path.join(out, "preprocessor_config.json")))
   assert config["crop_size"] == {"height": IMAGE, "width": IMAGE}
 
+  # Imported back with the same preset (V = 64): the zero row is dropped, nothing else moves.
+  back = hf.load_model(llava_cfg(ref, **MESH, **{"init.llava_from_hf": out}),
+                       sharding.make_mesh(cfg.mesh))
+  want = leaves(nnx.state(model, nnx.Param))
+  for path, var in leaves(nnx.state(back, nnx.Param)).items():
+    np.testing.assert_array_equal(np.asarray(var.get_value()),
+                                  np.asarray(want[path].get_value()), hm.path_str(path))
+
   half = str(tmp_path / "bf16")
   hf_export.export_model(model, cfg, half, dtype="bfloat16")
   st = sio.SafetensorsFolder(half)
@@ -120,3 +128,18 @@ def test_export_refuses_what_llava_cannot_express(tmp_path, tiny):
   loop.write_config(cfg, str(tmp_path))
   with pytest.raises(ConfigError, match="config.model.projector.kind: 'linear'"):
     hf.export(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_import_keeps_rows_past_the_vocabulary_that_are_not_zero(tmp_path):
+  """A folder whose table is V' = image_token_id + 1 only drops the extra row if it is an
+  export's zero padding; a trained row means the preset's vocabulary is wrong."""
+  vocab = 64
+  ref = llava_hf("clip", "full", image_token=vocab)
+  with torch.no_grad():  # a real row for the placeholder: the vocabulary is V + 1
+    ref.resize_token_embeddings(vocab + 1)
+    ref.get_input_embeddings().weight[vocab] = 0.5
+  folder = save_hf(ref, tmp_path / "hf")
+  cfg = llava_cfg(ref, **MESH, **{"init.llava_from_hf": folder, "model.decoder.vocab_size": vocab})
+  with pytest.raises(ValueError, match=r"embed_tokens.weight in .*: rows 64-64 are not zero.*"
+                     r"config.model.decoder.vocab_size=65"):
+    hf.load_model(cfg, sharding.make_mesh(cfg.mesh))
