@@ -80,12 +80,13 @@ def run_jax(fn, c, backward: bool, iters: int) -> float:
   v = jax.random.normal(kv, (c["b"], c["t"], c["k"], c["h"]), jnp.bfloat16)
   seg = segments(c["b"], c["t"], c["seg"])
   if not backward:
-    step = lambda q: fn(q, k, v, seg, c["causal"])
-  else:
-    loss = lambda q, k, v: fn(q, k, v, seg, c["causal"]).astype(jnp.float32).sum()
-    grad = jax.grad(loss, argnums=(0, 1, 2))
-    step = lambda q: q + 1e-3 * grad(q, k, v)[0].astype(q.dtype)
-  return time_loop(step, q, iters=iters)
+    return time_loop(lambda q: fn(q, k, v, seg, c["causal"]), q, iters=iters)
+  loss = lambda q, k, v: fn(q, k, v, seg, c["causal"]).astype(jnp.float32).sum()
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  # All three gradients feed the carry: with dQ alone, the dK/dV pass is dead code and
+  # XLA drops it (the Pallas kernels' too): the table would time forward + dQ only.
+  step = lambda qkv: jax.tree.map(lambda x, g: x + 1e-3 * g.astype(x.dtype), qkv, grad(*qkv))
+  return time_loop(step, (q, k, v), iters=iters)
 
 
 def run_torch(c, backward: bool, iters: int) -> float | None:

@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 import scipy.signal
-import soundfile
 
 from mm_jax.data.errors import CORRUPT_AUDIO, MISSING_AUDIO, BadRecord
 
@@ -115,6 +114,8 @@ def resample(samples: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
 def _decode(data: bytes | str) -> tuple[np.ndarray, int]:
   """Mono float32[N] and its sample rate; soundfile first, PyAV as the fallback."""
   try:
+    import soundfile  # imported here, as video's av: runs without audio files never need it
+
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     samples, sr = soundfile.read(source, dtype="float32", always_2d=True)  # [N, channels]
     return samples.mean(axis=1), int(sr)
