@@ -1,8 +1,8 @@
 """Hopper (Mosaic GPU) attention: interpreter numerics on CPU and CUDA lowering.
 
 The Mosaic GPU interpreter runs the kernels' warpgroups, barriers and TMA copies on CPU
-(the matmuls through `_Ops`' dot_general fallback). It costs ~50 s per 128-row case on two
-cores, so one case runs by default and one more is marked slow.
+(the matmuls through `mgpu_common.Ops`' dot_general fallback). It costs ~50 s per 128-row
+case on two cores, so one case runs by default and one more is marked slow.
 """
 
 from unittest import mock
@@ -16,6 +16,7 @@ from lowering import export_for
 from mm_jax.kernels import attention as fa
 from mm_jax.kernels import attention_mgpu as am
 from mm_jax.kernels import compat
+from mm_jax.kernels.mgpu_common import block_ranges
 
 TOL = 2e-2  # relative to the reference's largest magnitude, bf16 inputs
 
@@ -67,10 +68,10 @@ def test_interpreted_kernels_match_reference_more(b, t, n, k, h, causal, segment
 
 def test_block_ranges_skip_causal_and_other_segments():
   seg = jnp.asarray([[1] * 128 + [2] * 128 + [3] * 256], jnp.int32)
-  lo, hi = am._ranges(seg, seg, 128, 64, True, True)
+  lo, hi = block_ranges(seg, seg, 128, 64, True, True)
   # Query tile 2 (segment 2) sees only key blocks 4, 5; tile 3 (segment 3) blocks 4..7.
   assert lo.tolist() == [[0, 2, 4, 4]] and hi.tolist() == [[2, 4, 6, 8]]
-  lo, hi = am._ranges(seg, seg, 128, 64, True, False)  # key tiles over query blocks
+  lo, hi = block_ranges(seg, seg, 128, 64, True, False)  # key tiles over query blocks
   assert lo.tolist() == [[0, 2, 4, 6]] and hi.tolist() == [[2, 4, 8, 8]]
 
 
