@@ -109,9 +109,8 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n = self.n_in
     x = x.astype(self.dtype)
-    contract_in = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
     if self.qtype is None:
-      y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), contract_in)
+      y = quant.contract(x, self.kernel[...].astype(self.dtype), n)
     else:
       codes = getattr(self, quant.code_name(self.qtype))[...]
       y = quant.matmul(x, codes, self.kernel_scale[...], self.in_shape, self.qtype)
@@ -121,7 +120,7 @@ class Dense(nnx.Module):
         x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
       # Two skinny matmuls, never W + A.B: the dense delta would cost a kernel-sized buffer
       # (and its gradient) per layer.
-      xa = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), contract_in)  # [..., R]
+      xa = quant.contract(x, self.lora_a[...].astype(self.dtype), n)  # [..., R]
       delta = jax.lax.dot_general(xa, self.lora_b[...].astype(self.dtype),
                                   (((xa.ndim - 1,), (0,)), ((), ())))
       y = y + self.lora_scale * delta

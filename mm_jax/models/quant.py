@@ -137,15 +137,15 @@ def matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, in_shape: tuple[in
   return _forward(x, codes, scales, in_shape, qtype)[0]
 
 
-def _contract(x: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
-  """Contracts x's trailing n dims with kernel's leading n dims."""
+def contract(x: jax.Array, kernel: jax.Array, n: int) -> jax.Array:
+  """Contracts x's trailing n dims with kernel's leading n dims (Dense's matmul)."""
   return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
                                          ((), ())))
 
 
 def _forward(x, codes, scales, in_shape, qtype):
   kernel = _dequantize_after(x, codes, scales, in_shape, qtype, x.dtype)
-  return _contract(x, kernel, len(in_shape)), (codes, scales)
+  return contract(x, kernel, len(in_shape)), (codes, scales)
 
 
 def _backward(in_shape, qtype, residuals, g):
