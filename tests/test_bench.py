@@ -36,6 +36,7 @@ def test_gpu_script_smoke(tmp_path):
   for row in summary:
     name, code = (cell.strip() for cell in row.split("|")[1:3])
     assert code == "0", (tmp_path / f"{name}.log").read_text()[-3000:]
-  for name in GPU_STEPS:
+  for name in GPU_STEPS:  # the log holds stderr too: only the tables must be free of errors
     log = (tmp_path / f"{name}.log").read_text()
-    assert len(table_rows(log)) >= 2 and "error" not in log, log[-3000:]
+    rows = table_rows(log)
+    assert len(rows) >= 2 and not any("error" in row for row in rows), log[-3000:]

@@ -96,6 +96,8 @@ def load_audio(data: bytes | str | os.PathLike, target_sr: int = SAMPLE_RATE, *,
     raise BadRecord(MISSING_AUDIO, record_id, f"{where}: no such file")
   try:
     samples, sr = _decode(data)
+  except ImportError:  # an install problem, not a bad record: fail once, loudly
+    raise
   except Exception as e:  # both decoders raise many exception types on malformed input
     raise BadRecord(CORRUPT_AUDIO, record_id, f"{where}: {type(e).__name__}: {e}") from e
   if samples.size == 0:
@@ -112,10 +114,14 @@ def resample(samples: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
 
 
 def _decode(data: bytes | str) -> tuple[np.ndarray, int]:
-  """Mono float32[N] and its sample rate; soundfile first, PyAV as the fallback."""
-  try:
-    import soundfile  # imported here, as video's av: runs without audio files never need it
+  """Mono float32[N] and its sample rate; soundfile first, PyAV as the fallback.
 
+  Raises ImportError (not a bad record) when neither decoder imports."""
+  try:
+    import soundfile  # here, as video's av: runs without audio files never need libsndfile
+  except (ImportError, OSError):  # OSError: the wheel's libsndfile did not load
+    return _decode_av(data)  # FFmpeg reads wav and flac too
+  try:
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     samples, sr = soundfile.read(source, dtype="float32", always_2d=True)  # [N, channels]
     return samples.mean(axis=1), int(sr)
@@ -128,7 +134,11 @@ def _decode(data: bytes | str) -> tuple[np.ndarray, int]:
 
 
 def _decode_av(data: bytes | str) -> tuple[np.ndarray, int]:
-  import av
+  try:
+    import av
+  except ImportError as e:
+    raise ImportError("decoding audio needs soundfile (libsndfile) or av (PyAV); "
+                      "neither imports") from e
 
   source = io.BytesIO(data) if isinstance(data, bytes) else data
   with av.open(source) as container:

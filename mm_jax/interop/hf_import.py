@@ -180,7 +180,8 @@ class Source:
   verify: (normalised key, check) for tensors that are read and checked but not loaded
   (Whisper's fixed `embed_positions.weight`); check raises ValueError.
   vocab_rows: rows of the hf_mapping.VOCAB_ROWS tensors when an export grew them past the
-  preset's vocabulary (0: as the rules say); the extra rows must be zero and are dropped.
+  preset's vocabulary (0: as the rules say); the extra rows must be zero and are dropped
+  (checked as each tensor streams in, so a non-zero row stops the import there).
   """
 
   folder: str
@@ -204,10 +205,10 @@ def llava_source(folder: str, cfg: ModelConfig) -> Source:
   _check_text(raw["text_config"], folder)
   # hf_export's zero rows up to the placeholder id (tiny: V 128 -> 129) are not vocabulary.
   v, rows = cfg.decoder.vocab_size, theirs.decoder.vocab_size
-  grown = rows if rows == hm.grown_vocab(cfg) > v else 0
+  grown = rows if rows > v and rows == hm.grown_vocab(cfg) else 0
   if grown:
-    theirs = dataclasses.replace(theirs, decoder=dataclasses.replace(theirs.decoder,
-                                                                     vocab_size=v))
+    decoder = dataclasses.replace(theirs.decoder, vocab_size=v)
+    theirs = dataclasses.replace(theirs, decoder=decoder)
   compare(cfg.vision, theirs.vision, VISION_KEYS, "config.model.vision", path, "vision_config.")
   compare(cfg.vision, theirs.vision, LLAVA_VISION_KEYS, "config.model.vision", path)
   compare(cfg.decoder, theirs.decoder, decoder_keys(cfg.decoder.family),
@@ -351,9 +352,9 @@ def _drop_grown_rows(x: np.ndarray, rows: int, rule: hm.Rule, where: str) -> np.
     raise ValueError(f"{where}: shape {x.shape}, expected {(rows, *rule.hf_shape[1:])} "
                      f"(config.json's vocab_size) for {hm.path_str(rule.path)}")
   if np.any(np.asarray(x[v:], np.float32)):
-    raise ValueError(f"{where}: rows {v}-{rows - 1} are not zero, so they are vocabulary, not "
-                     f"an export's padding up to the image token: set "
-                     f"config.model.decoder.vocab_size={rows}")
+    extra = f"row {v} is" if rows == v + 1 else f"rows {v}-{rows - 1} are"
+    raise ValueError(f"{where}: {extra} not zero, so vocabulary, not an export's padding "
+                     f"up to the image token: set config.model.decoder.vocab_size={rows}")
   return x[:v]
 
 

@@ -50,7 +50,7 @@ from mm_jax.kernels.mgpu_common import ROWS, block_ranges
 from mm_jax.kernels.mgpu_forward import forward
 
 Q_PAD, KV_PAD = -1, -2  # padding segment ids: they match nothing
-PAD = 128  # T and S are padded to this multiple: every tile below divides it
+PAD = 128  # T and S are padded to this multiple: every kernel's tile divides it
 HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle
 DTYPES = (jnp.bfloat16, jnp.float16)
 

@@ -28,7 +28,8 @@ from mm_jax.kernels.mgpu_common import (
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, lo_ref,
                hi_ref, dq_ref, q_s, do_s, k_s, v_s, vec_s, qseg_s, kseg_s, q_bar, k_bar, v_bar,
                consumed, *, plan, group, c, scale, causal, masked, n_tiles, ops):
-  """One (head, 128 query rows, batch): dQ = scale * sum_j dS_j K_j over visible blocks."""
+  """One (head, n_wg x 64 query rows, batch): dQ = scale * sum_j dS_j K_j over visible
+  blocks."""
   plgpu = compat.plgpu
   n, b = lax.axis_index("n"), lax.axis_index("b")
   i = n_tiles - 1 - lax.axis_index("i") if causal else lax.axis_index("i")

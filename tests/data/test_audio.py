@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -91,3 +92,16 @@ def test_missing_and_corrupt_files_are_bad_records(tmp_path):
   with pytest.raises(BadRecord, match="bad.wav") as e:
     audio.load_audio(corrupt, record_id="sample-7")
   assert e.value.reason == CORRUPT_AUDIO and e.value.record_id == "sample-7"
+
+
+def test_without_soundfile_pyav_decodes_and_without_both_it_is_an_install_error(
+    tmp_path, monkeypatch):
+  pytest.importorskip("av", reason="PyAV is the fallback decoder")
+  x = chirp_and_noise(0.5)
+  path = tmp_path / "a.wav"
+  soundfile.write(path, x, 16000, subtype="FLOAT")
+  monkeypatch.setitem(sys.modules, "soundfile", None)  # `import soundfile` raises ImportError
+  np.testing.assert_allclose(audio.load_audio(path), x, atol=1e-6)
+  monkeypatch.setitem(sys.modules, "av", None)
+  with pytest.raises(ImportError, match="soundfile .* or av"):  # not a skipped bad record
+    audio.load_audio(path)

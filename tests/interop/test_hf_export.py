@@ -130,7 +130,7 @@ def test_export_refuses_what_llava_cannot_express(tmp_path, tiny):
     hf.export(str(tmp_path), str(tmp_path / "out"))
 
 
-def test_import_keeps_rows_past_the_vocabulary_that_are_not_zero(tmp_path):
+def test_import_refuses_rows_past_the_vocabulary_that_are_not_zero(tmp_path):
   """A folder whose table is V' = image_token_id + 1 only drops the extra row if it is an
   export's zero padding; a trained row means the preset's vocabulary is wrong."""
   vocab = 64
@@ -140,6 +140,6 @@ def test_import_keeps_rows_past_the_vocabulary_that_are_not_zero(tmp_path):
     ref.get_input_embeddings().weight[vocab] = 0.5
   folder = save_hf(ref, tmp_path / "hf")
   cfg = llava_cfg(ref, **MESH, **{"init.llava_from_hf": folder, "model.decoder.vocab_size": vocab})
-  with pytest.raises(ValueError, match=r"embed_tokens.weight in .*: rows 64-64 are not zero.*"
+  with pytest.raises(ValueError, match=r"embed_tokens.weight in .*: row 64 is not zero.*"
                      r"config.model.decoder.vocab_size=65"):
     hf.load_model(cfg, sharding.make_mesh(cfg.mesh))

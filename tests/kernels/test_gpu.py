@@ -1,7 +1,9 @@
 """Compiled kernels on a GPU against the references, at training shapes (bf16).
 
-Run with `python -m pytest -m gpu tests/kernels` on a GPU machine; elsewhere these are
-skipped with the reason (the interpreter tests cover the same code paths on CPU).
+Run with `JAX_PLATFORMS=cuda python -m pytest -m gpu tests/kernels` on a GPU machine
+(tests/conftest.py defaults JAX_PLATFORMS to cpu; `bash bench/gpu.sh` runs this and every
+GPU benchmark); elsewhere these are skipped with the reason (the interpreter tests cover the
+same code paths on CPU).
 """
 
 import jax
