@@ -17,6 +17,7 @@ from mm_jax.kernels.mgpu_common import (
   ROWS,
   bcast,
   block_ranges,
+  kv_producer,
   launch,
   run_producer,
   run_roles,
@@ -61,7 +62,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
         plgpu.barrier_wait(k_bar.at[slot + st])
         k_seg = ops.vector(kseg_s.at[slot], 0)
       mask = visible(ops, s.shape, row_seg=q_seg, col_seg=k_seg, row0=row0, col0=j * bk,
-                   causal=diagonal, rows_are_queries=True)
+                     causal=diagonal, rows_are_queries=True)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
       plgpu.barrier_wait(v_bar.at[slot])
@@ -79,17 +80,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
     plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[b, rows, n])
     plgpu.wait_smem_to_gmem(0)
 
-  def produce():
-    kh = lax.div(n, group)
-
-    def issue(s, slot):
-      cols = pl.ds((lo + s) * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kh], k_s.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kh], v_s.at[slot], v_bar.at[slot])
-      if masked:
-        plgpu.copy_gmem_to_smem(kseg_ref.at[b, cols], kseg_s.at[slot], k_bar.at[slot + st])
-
-    run_producer(hi - lo, st, consumed, issue)
+  produce = kv_producer(k_ref, v_ref, kseg_ref, k_s, v_s, kseg_s, k_bar, v_bar, consumed,
+                        b=b, kh=lambda: lax.div(n, group), lo=lo, hi=hi, block=bk, stages=st,
+                        masked=masked)
 
   run_roles(n_wg, compute, produce)
 
@@ -125,7 +118,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_
       p = jnp.exp2(st_ - bcast(lse, st_.shape, 1))
       q_seg = ops.vector(qseg_s.at[slot], 0) if masked else None
       mask = visible(ops, p.shape, row_seg=k_seg, col_seg=q_seg, row0=row0, col0=i * bq,
-                   causal=diagonal, rows_are_queries=False)
+                     causal=diagonal, rows_are_queries=False)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
       dv = ops.mm(p.astype(k_s.dtype), do_s.at[slot], acc=dv)

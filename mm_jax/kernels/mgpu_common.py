@@ -117,6 +117,29 @@ def run_producer(n_steps, stages, consumed, issue):
   lax.fori_loop(jnp.maximum(n_steps - stages, 0), n_steps, drain, None)
 
 
+def kv_producer(k_ref, v_ref, kseg_ref, k_s, v_s, kseg_s, k_bar, v_bar, consumed, *, b, kh,
+                lo, hi, block, stages, masked):
+  """The producer of the query-tile kernels (forward, dQ): streams K/V blocks [lo, hi) of
+  KV head `kh()` (evaluated in the producer warpgroup) and, when masked, their segment ids
+  (barriers k_bar[stages + slot]) through the ring. Returns the `produce` of `run_roles`."""
+  plgpu = compat.plgpu
+
+  def produce():
+    head = kh()
+
+    def issue(s, slot):
+      cols = pl.ds((lo + s) * block, block)
+      plgpu.copy_gmem_to_smem(k_ref.at[b, cols, head], k_s.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, cols, head], v_s.at[slot], v_bar.at[slot])
+      if masked:
+        plgpu.copy_gmem_to_smem(kseg_ref.at[b, cols], kseg_s.at[slot],
+                                k_bar.at[slot + stages])
+
+    run_producer(hi - lo, stages, consumed, issue)
+
+  return produce
+
+
 def run_roles(n_wg, compute, produce):
   """Runs `compute(wg)` on warpgroups [0, n_wg) and `produce()` on warpgroup n_wg."""
   plgpu = compat.plgpu

@@ -17,8 +17,8 @@ from mm_jax.kernels.mgpu_common import (
   MASK,
   ROWS,
   bcast,
+  kv_producer,
   launch,
-  run_producer,
   run_roles,
   smem,
   visible,
@@ -56,7 +56,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lo_ref, hi_ref, o_ref, 
         plgpu.barrier_wait(k_bar.at[slot + st])
         k_seg = ops.vector(kseg_s.at[slot], 0)
       mask = visible(ops, s.shape, row_seg=q_seg, col_seg=k_seg, row0=row0, col0=j * bk,
-                   causal=diagonal, rows_are_queries=True)
+                     causal=diagonal, rows_are_queries=True)
       if mask is not None:
         s = jnp.where(mask, s, MASK)
       m_new = jnp.maximum(m, s.max(axis=1))
@@ -88,17 +88,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lo_ref, hi_ref, o_ref, 
     plgpu.copy_smem_to_gmem(lse_s.at[wg], lse_ref.at[b, n, rows])
     plgpu.wait_smem_to_gmem(0)
 
-  def produce():
-    kh = lax.div(n, group)
-
-    def issue(s, slot):
-      cols = pl.ds((lo + s) * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, cols, kh], k_s.at[slot], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, cols, kh], v_s.at[slot], v_bar.at[slot])
-      if masked:
-        plgpu.copy_gmem_to_smem(kseg_ref.at[b, cols], kseg_s.at[slot], k_bar.at[slot + st])
-
-    run_producer(hi - lo, st, consumed, issue)
+  produce = kv_producer(k_ref, v_ref, kseg_ref, k_s, v_s, kseg_s, k_bar, v_bar, consumed,
+                        b=b, kh=lambda: lax.div(n, group), lo=lo, hi=hi, block=bk, stages=st,
+                        masked=masked)
 
   run_roles(2, compute, produce)
 
