@@ -9,7 +9,8 @@ import re
 from mm_jax.config.checks import ConfigError, _check
 from mm_jax.config.model import MODALITIES
 
-SOURCES = ("synthetic", "synthetic_av", "llava_json", "tfds", "coco_captions")
+EMBEDDED_SOURCES = ("synthetic", "synthetic_av")  # generated in the process: no files
+SOURCES = (*EMBEDDED_SOURCES, "llava_json", "tfds", "coco_captions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +66,15 @@ class DataConfig:
   captions: str = "one"  # one | all
   max_skip_fraction: float = 0.01  # stop when more records than this are bad
 
+  @property
+  def embedded(self) -> bool:
+    """Whether the source is generated in the process (no files, its own eval split)."""
+    return self.source in EMBEDDED_SOURCES
+
   def validate(self, key: str) -> None:
     _check(self.source in SOURCES, f"{key}.source",
            f"unknown source {self.source!r} ({' | '.join(SOURCES)})")
-    if self.source not in ("synthetic", "synthetic_av"):
+    if not self.embedded:
       names = ("json", "image_dir", "tokenizer") + (("tfds_dir",) if self.source == "tfds"
                                                    else ())
       for name in names:

@@ -333,7 +333,7 @@ def read_threads(data: DataConfig) -> int:
   (small numpy calls that hold the GIL; config/run.py) and grain's 16 for decoders."""
   if data.read_threads >= 0:
     return data.read_threads
-  return 1 if data.source in ("synthetic", "synthetic_av") else 16
+  return 1 if data.embedded else 16
 
 
 def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,

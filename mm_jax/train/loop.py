@@ -136,7 +136,7 @@ def _weights(state):
 
 
 def has_eval_data(cfg: Config) -> bool:
-  return cfg.data.source in ("synthetic", "synthetic_av") or bool(cfg.data.eval_json)
+  return cfg.data.embedded or bool(cfg.data.eval_json)
 
 
 def evaluate_state(cfg: Config, built, state, mesh) -> dict:
