@@ -6,13 +6,33 @@
       --image=shape.png --prompt="what shape is it?"
 """
 
+import logging as std_logging
+import os
 import sys
+import warnings
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/llava.py:tiny", "Run config.")
+from mm_jax import cli
+
+_DEBUG_ARGS = ("--debug", "-debug")
+
+
+def _fail_at_start(error: BaseException) -> None:
+  """A flag or config that does not parse: one line naming the key or file (the traceback
+  only with --debug)."""
+  if any(a in _DEBUG_ARGS for a in sys.argv):
+    raise error
+  print(cli.explain(sys.argv[1:], error), file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+try:  # ml_collections reads the --config.* overrides of sys.argv here already
+  _CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Run config.")
+except Exception as e:  # noqa: BLE001 - reported in one line
+  _fail_at_start(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build abstractly, print parameter counts.")
@@ -20,31 +40,123 @@ _PROMPT = flags.DEFINE_string("prompt", "", "--mode=generate: the user's questio
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=generate: image file(s), in order.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "--mode=generate: video file(s), in order.")
 _AUDIO = flags.DEFINE_multi_string("audio", [], "--mode=generate: audio file(s), in order.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (every "
+                                  "key, as --config.<key>= overrides it) and exit.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks instead of one-line errors.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host GPU/TPU).")
+    "distributed", False, "Start jax.distributed even where mm_jax.distributed detects one "
+    "process (jax's own cluster detection). Multi-process environments (TPU pods, "
+    "JAX_COORDINATOR_ADDRESS, Slurm) are detected without it.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (with "
+                                   "--num_processes and --process_id; else from the env).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_START_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                      "Seconds to wait for every process to join.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "A process silent this "
+                                  "long is dead: the others stop.")
+
+
+def start_distributed() -> None:
+  from mm_jax import distributed
+
+  cluster = distributed.detect(coordinator=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  if cluster.source == "single" and _DISTRIBUTED.value:
+    jax.distributed.initialize(initialization_timeout=_START_TIMEOUT.value)
+    return
+  distributed.initialize(cluster, timeout_s=_START_TIMEOUT.value,
+                         heartbeat_timeout_s=_HEARTBEAT.value)
+
+
+class _NoLibraryTracebacks(std_logging.Filter):
+  """orbax logs a page of traceback per background thread when a save fails; the run
+  reports that failure itself, in one line (mm_jax/train/checkpoint.py)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    # asyncio: "Future exception was never retrieved", the same failure once per write.
+    return not (record.exc_info and "/orbax/" in record.pathname or record.name == "asyncio")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - reported in one line
+    _fail_at_start(e)
+
+
+def _excepthook(kind, value, tb, default=sys.excepthook):
+  # tensorstore callbacks of an abandoned orbax read land on an event loop orbax already
+  # closed; they are noise after a failure that was reported in one line.
+  if kind is RuntimeError and str(value) == "Event loop is closed":
+    return
+  default(kind, value, tb)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  from mm_jax import config, run
+  logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
+  sys.excepthook = _excepthook
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+  from mm_jax import config, faults, run
   from mm_jax.data.errors import BadRecord
   from mm_jax.data.skips import DataError
+  from mm_jax.distributed import DistributedError
   from mm_jax.infer.prompts import PromptError
 
+  # Exit codes (mm_jax/faults.py): 0 finished, 42 preempted (restart me), 3 diverged,
+  # 1 any other error. Every message is one line; tracebacks only with --debug.
+  try:  # ml_collections loads a --config file lazily, on first access
+    cd = _CONFIG.value
+    cd.to_dict()  # a file that failed to load raises here, not above
+  except Exception as e:  # noqa: BLE001 - reported in one line
+    _fail_at_start(e)
   try:
-    run.main(_CONFIG.value, _WORKDIR.value, _MODE.value, _DRY_RUN.value, prompt=_PROMPT.value,
+    start_distributed()
+    run.main(cd, _WORKDIR.value, _MODE.value, _DRY_RUN.value, prompt=_PROMPT.value,
              images=tuple(_IMAGE.value), videos=tuple(_VIDEO.value),
-             audios=tuple(_AUDIO.value))
-  except config.ConfigError as e:  # a bad value: name the key; no traceback, no flag help
-    sys.exit(f"config error: {e}")
-  except DataError as e:  # strict mode or too many bad records: the message says which
-    sys.exit(f"data error: {e}")
-  except (PromptError, BadRecord, FileNotFoundError) as e:  # --mode=generate inputs
-    sys.exit(f"error: {e}")
+             audios=tuple(_AUDIO.value), explicit=cli.explicit_keys(sys.argv[1:]),
+             print_config=_PRINT_CONFIG.value)
+  except (faults.Preempted, faults.Diverged) as e:
+    _exit(str(e), e.exit_code)
+  except KeyboardInterrupt:  # before training installed its handlers: nothing to save
+    _exit("interrupted before training started: nothing to save")
+  except Exception as e:  # noqa: BLE001 - one line each; --debug re-raises
+    if _DEBUG.value:
+      raise
+    known = {faults.CheckpointError: "checkpoint error", config.ConfigError: "config error",
+             DataError: "data error", DistributedError: "", PromptError: "error",
+             BadRecord: "error", FileNotFoundError: "error"}
+    kind = next((v for k, v in known.items() if isinstance(e, k)), None)
+    if kind is None:  # not a start-up or data error we know: keep the traceback in a file
+      _exit(f"error: {type(e).__name__}: {cli._first_line(e)} (traceback in "
+            f"{_save_traceback()}; --debug prints it)")
+    _exit(f"{kind}: {e}" if kind else str(e))
+
+
+def _save_traceback() -> str:
+  import tempfile
+  import traceback
+
+  fd, path = tempfile.mkstemp(prefix="mm_jax-traceback-", suffix=".txt")
+  with os.fdopen(fd, "w") as f:
+    traceback.print_exc(file=f)
+  return path
+
+
+def _exit(message: str, code: int = 1) -> None:
+  print(message, file=sys.stderr, flush=True)
+  if code in (0, 42):  # a clean stop: every process shuts jax.distributed down together
+    sys.exit(code)
+  # An error: the workdir is already closed (checkpoints waited for, metrics flushed).
+  # Skip the interpreter's teardown: after a failed save orbax's leftover threads print
+  # pages there, and jax.distributed's shutdown barrier would wait for peers that may
+  # be gone (up to its heartbeat timeout) before the exit code reaches the scheduler.
+  sys.stdout.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

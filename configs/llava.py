@@ -17,6 +17,8 @@ kernels in NF4 (blocks of 64, float32 scales; QLoRA, Dettmers et al. 2023).
 
 import ml_collections
 
+from mm_jax import config as config_lib
+
 # CLIP ViT-L/14 at 336 px, features from the second-to-last layer, patch tokens only.
 _CLIP_L_336 = dict(kind="clip", image_size=336, patch_size=14, width=1024, depth=24, heads=16,
                    mlp_dim=4096, feature_layer=-2, feature_select="patch")
@@ -106,70 +108,61 @@ def _parse(arg: str) -> tuple[str, str]:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  """Every field of mm_jax.config.Config (its typed defaults), then what the preset and the
+  stage change: any key can be overridden from any preset (--print_config lists them)."""
   preset_name, stage_name = _parse(arg)
   preset, stage = _PRESETS[preset_name], _STAGES[stage_name]
   big = preset_name != "tiny"
-  c = ml_collections.ConfigDict()
+  c = ml_collections.ConfigDict(config_lib.defaults())
   c.name = preset_name
   c.stage = stage_name
 
-  c.model = ml_collections.ConfigDict()
-  c.model.vision = dict(preset["vision"])
-  c.model.projector = {"kind": "mlp2x_gelu", "depth": 2, **preset.get("projector", {})}
-  c.model.decoder = {**_DECODER, **preset["decoder"]}
-  c.model.image_token_id = preset.get("image_token_id", 32000)
+  m = c.model
+  m.vision.update(preset["vision"])
+  m.projector.update(preset.get("projector", {}))
+  m.decoder.update({**_DECODER, **preset["decoder"]})
+  m.image_token_id = preset.get("image_token_id", 32000)
   # Video and audio stay off in LLaVA presets (configs/mimo.py turns them on).
-  c.model.modalities = ("image",)
-  c.model.video_token_id = c.model.image_token_id + 1
-  c.model.audio_token_id = c.model.image_token_id + 2
-  c.model.video = dict(num_frames=8, pool=2, tower="shared", projector="separate")
-  c.model.audio = dict(kind="whisper", n_mels=80, width=768, depth=12, heads=12, mlp_dim=3072,
-                       max_source_positions=1500, layer_norm_eps=1e-5, pool=2, projector="mlp")
-  c.model.attention = "auto"
-  c.model.merge = "auto"
-  c.model.dtype = preset.get("dtype", "bfloat16")
-  c.model.param_dtype = stage.get("param_dtype", "float32") if big else "float32"
-  c.model.remat = "full" if big else "none"  # none | full | dots (models/remat.py)
-  c.model.time_code = "none"  # none | learned (models/timecode.py; configs/mimo.py)
+  m.modalities = ("image",)
+  m.video_token_id = m.image_token_id + 1
+  m.audio_token_id = m.image_token_id + 2
+  m.video.update(num_frames=8, pool=2, tower="shared", projector="separate")
+  m.dtype = preset.get("dtype", "bfloat16")
+  m.param_dtype = stage.get("param_dtype", "float32") if big else "float32"
+  m.remat = "full" if big else "none"  # none | full | dots (models/remat.py)
 
-  c.data = ml_collections.ConfigDict(dict(
-      source="synthetic", task=stage.get("task", "qa"), seq_len=2048, images_per_sample=1,
-      pack=True, num_train=20000, num_eval=512, seed=0, worker_count=0 if not big else 16,
-      read_threads=-1,
-      videos_per_sample=1, audios_per_sample=1, audio_seq_len=3000, clip_seconds=1.0,
-      interleave_av=False, turns=1, curriculum=(), curriculum_samples=0,
-      json="", eval_json="", image_dir="", tfds_dir="", tokenizer="",
-      template="plain" if stage_name == "pretrain" else "vicuna_v1",
-      image_aspect_ratio="pad", strict=False, max_skip_fraction=0.01,
-      caption_separator="\n", captions="one"))  # coco_captions (mm_jax/data/coco.py)
+  c.data.update(dict(
+      task=stage.get("task", "qa"), seq_len=2048, worker_count=0 if not big else 16,
+      template="plain" if stage_name == "pretrain" else "vicuna_v1"))
   c.data.update(preset.get("data", {}))
-
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=2e-5, warmup_steps=30, schedule="cosine", min_lr_ratio=0.0, weight_decay=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze=()))
+  c.optim.update(warmup_steps=30)
   c.optim.update(preset.get("optim", {}))
   c.optim.freeze = tuple(stage["freeze"])
   if "lr" in stage and big:  # The tiny model learns from scratch: keep its own lr.
     c.optim.lr = stage["lr"]
-
-  c.train = ml_collections.ConfigDict(dict(
-      steps=5000, batch_size=128, seed=0, log_every=10, eval_every=0, eval_batches=0))
+  c.train.update(steps=5000, batch_size=128)
   c.train.update(preset.get("train", {}))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
   c.checkpoint.update(preset.get("checkpoint", {}))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1) if not big
-                                     else dict(data=1, fsdp=-1, tensor=1))
-  # Local Hugging Face folders to start from (mm_jax.interop.hf), e.g.
-  # --config.init.llava_from_hf=/ckpt/llava-1.5-7b-hf with matching model shapes;
-  # audio_from_hf (a Whisper folder) fills towers/audio of configs/mimo.py presets.
-  c.init = dict(vision_from_hf="", decoder_from_hf="", llava_from_hf="", audio_from_hf="")
-  c.generate = dict(max_new_tokens=16 if not big else 512, temperature=0.0, top_k=0,
-                    top_p=1.0, seed=0, stop=())
-  c.eval = dict(generate=True, drop_modality="")
+  c.mesh.update(dict(data=-1, fsdp=1, tensor=1) if not big else dict(data=1, fsdp=-1, tensor=1))
+  # config.init: local Hugging Face folders to start from (mm_jax.interop.hf), e.g.
+  # --config.init.llava_from_hf=/ckpt/llava-1.5-7b-hf; the model's shape is then read from
+  # the folder (mm_jax.interop.hf_adopt).
+  c.generate.max_new_tokens = 16 if not big else 512
   # LoRA (mm_jax.models.lora): off unless a *_lora stage or an override sets the rank.
-  c.lora = dict(rank=0, alpha=16.0, dropout=0.0,
-                targets=(r"^decoder/layers/\d+/(q|k|v|o|gate|up|down|fc1|fc2)$",),
-                base_qtype="none", block_size=64)
   c.lora.update(stage.get("lora", {}))
   c.lock()
   return c
+
+
+def get_sweep(arg: str, h) -> list[dict]:
+  """Trials for `--sweep` launches (launch/sweep.py passes itself as `h`).
+
+  tiny: learning rate x warmup around its defaults (2e-3, 20 steps), the schedule of a model
+  learning from scratch (6 trials, minutes each on CPU). Larger presets: the stage's
+  learning rate halved, kept and doubled (3 trials), the first knob to re-tune on new data.
+  """
+  lr = get_config(arg).optim.lr  # also rejects a bad arg
+  if _parse(arg)[0] == "tiny":
+    return h.product(h.sweep("optim.lr", [1e-3, 2e-3, 4e-3]),
+                     h.sweep("optim.warmup_steps", [20, 50]))
+  return h.sweep("optim.lr", [lr / 2, lr, lr * 2])

@@ -91,3 +91,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Stages freeze towers by module: towers/image (images and frames), towers/audio.
   c.lock()
   return c
+
+
+def get_sweep(arg: str, h) -> list[dict]:
+  """Trials for `--sweep` launches (launch/sweep.py passes itself as `h`).
+
+  tiny: seeds 0-2, how the presets above were judged (whether binding and motion are
+  learned varies by seed). 7b: configs/llava.py's learning-rate sweep for the same base.
+  """
+  get_config(arg)  # rejects a bad arg
+  preset_name, *rest = (arg or "tiny").split(",")
+  if preset_name == "tiny":
+    return h.sweep("train.seed", [0, 1, 2])
+  return llava.get_sweep(",".join([_PRESETS[preset_name]["base"], *rest]), h)

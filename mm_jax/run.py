@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from mm_jax import config as config_lib
-from mm_jax import sharding
+from mm_jax import paths, sharding
 
 
 def dry_run(cfg: config_lib.Config) -> dict[str, int]:
@@ -25,18 +25,116 @@ def dry_run(cfg: config_lib.Config) -> dict[str, int]:
   return counts
 
 
+# config.lora fields that decide the checkpoint's parameters (adapters, a quantised base).
+_LORA_SHAPE_KEYS = ("lora.rank", "lora.targets", "lora.base_qtype", "lora.block_size")
+
+
+def _get(values: dict, key: str):
+  for part in key.split("."):
+    values = values[part]
+  return values
+
+
+def _set(values: dict, key: str, value) -> None:
+  *groups, last = key.split(".")
+  for part in groups:
+    values = values[part]
+  values[last] = value
+
+
+def _param_shapes(cfg: config_lib.Config) -> dict:
+  """{parameter path: shape} of `cfg.model`, built abstractly (nothing allocated)."""
+  from flax import nnx
+
+  from mm_jax.models.multimodal import MultimodalModel, resolve_backends
+
+  model = nnx.eval_shape(lambda: MultimodalModel(resolve_backends(cfg.model),
+                                                 rngs=nnx.Rngs(0)))
+  return {path: v.get_value().shape for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _with_run_config(values: dict, workdir: str, explicit: tuple[str, ...],
+                     mode: str) -> config_lib.Config:
+  """WORKDIR/config.json (what the run trained with) with only the keys given on the
+  command line taken from `values`; one that changes a parameter shape is refused."""
+  import json
+
+  path = paths.join(workdir, "config.json")
+  saved = json.loads(paths.read_text(path))
+  base = config_lib.from_config_dict(saved)
+  merged = json.loads(json.dumps(saved))
+  changed = []
+  for key in explicit:
+    try:
+      value, before = _get(values, key), _get(saved, key)
+    except (KeyError, TypeError):
+      raise config_lib.ConfigError(f"config.{key}: not a key of {path}") from None
+    value = json.loads(json.dumps(value))  # tuples as the JSON file holds them: lists
+    _set(merged, key, value)
+    if value != before:
+      changed.append(key)
+  cfg = config_lib.from_config_dict(merged)
+  for key in changed:
+    one = json.loads(json.dumps(saved))
+    _set(one, key, _get(merged, key))
+    shape_key = key in _LORA_SHAPE_KEYS or key.startswith("model.")
+    if shape_key and (key in _LORA_SHAPE_KEYS
+                      or _param_shapes(config_lib.from_config_dict(one)) != _param_shapes(base)):
+      raise config_lib.ConfigError(
+          f"config.{key}: {_get(merged, key)!r} on the command line, {_get(saved, key)!r} in "
+          f"{path}: it changes the checkpoint's parameters; drop the override (--mode={mode} "
+          "reads the run's own config)")
+  if jax.process_index() == 0:
+    given = ", ".join(f"{k}={_get(merged, k)!r}" for k in changed) or "none"
+    print(f"mm_jax: --mode={mode} uses {path} (the run's config); overrides: {given}",
+          flush=True)
+  return cfg
+
+
+def resolve(cd, workdir: str | None = None, mode: str = "train",
+            explicit: tuple[str, ...] = ()) -> config_lib.Config:
+  """The typed config a command runs with.
+
+  eval and generate on a workdir that holds config.json: that file, with only the
+  `explicit` keys (those given on the command line) taken from `cd`. Otherwise `cd` with
+  the shapes of its config.init Hugging Face folders and its tokenizer adopted
+  (interop/hf_adopt.py); an explicit key that contradicts a folder is an error.
+  """
+  values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  if mode in ("eval", "generate") and workdir and paths.isfile(
+      paths.join(workdir, "config.json")):
+    return _with_run_config(values, workdir, explicit, mode)
+  if any((values.get("init") or {}).values()) or (values.get("data") or {}).get("tokenizer"):
+    from mm_jax.interop import hf_adopt
+
+    values, notes = hf_adopt.adopt(config_lib.fill_defaults(values), explicit)
+    if jax.process_index() == 0:
+      for note in notes:
+        print(f"mm_jax: {note}", flush=True)
+  return config_lib.from_config_dict(values)
+
+
 def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
          prompt: str = "", images: tuple[str, ...] = (), videos: tuple[str, ...] = (),
-         audios: tuple[str, ...] = ()) -> dict:
-  cfg = config_lib.from_config_dict(cd)
+         audios: tuple[str, ...] = (), explicit: tuple[str, ...] = (),
+         print_config: bool = False) -> dict:
+  """explicit: the config keys given on the command line (mm_jax.cli.explicit_keys)."""
+  if mode != "generate" and not workdir and not (dry or print_config):
+    raise config_lib.ConfigError("--workdir: required for --mode=train and --mode=eval "
+                                 "(where checkpoints, metrics and config.json live); only "
+                                 "--dry_run and --print_config run without one")
+  cfg = resolve(cd, workdir, mode, explicit)
+  if print_config:
+    from mm_jax import cli
+
+    print(cli.format_config(cfg), flush=True)
+    return {"config": config_lib.to_dict(cfg)}
   if dry:
     return dry_run(cfg)
   if mode == "generate":
     from mm_jax.infer import chat
 
     return {"answer": chat.main(cfg, workdir, prompt, images, videos, audios)}
-  if not workdir:
-    raise ValueError("--workdir is required unless --dry_run")
   from mm_jax.train import loop
 
   if jax.process_index() == 0:

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from mm_jax.config import MeshConfig
+from mm_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -52,11 +52,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"config.mesh: {len(devices)} devices not divisible by {known}")
+      raise ConfigError(f"config.mesh: {len(devices)} devices not divisible by {known} "
+                        f"(the sizes other than -1 in {tuple(cfg.shape)})")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"config.mesh: shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"have {len(devices)}")
+    raise ConfigError(f"config.mesh: shape {tuple(shape)} needs {int(np.prod(shape))} "
+                      f"devices, have {len(devices)}; set one size to -1 to take the rest")
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
 

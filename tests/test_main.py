@@ -111,3 +111,25 @@ def test_mimo_trains_evaluates_per_kind_and_answers_a_clip(tmp_path):
             f"--prompt={clip['question']}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"'{clip['question']}' -> " in r.stdout
+
+
+@pytest.mark.parametrize("case", ["file_workdir", "diverged"])
+def test_startup_and_divergence_errors_are_one_line_with_their_exit_code(tmp_path, case):
+  """Exit codes of mm_jax/faults.py: 1 for a workdir that is a file, 3 for divergence."""
+  w = tmp_path / "w"
+  args = ["--config=configs/llava.py:tiny", f"--workdir={w}", "--config.train.batch_size=8",
+          "--config.train.steps=30", "--config.train.log_every=1"]
+  if case == "file_workdir":
+    w.write_text("not a directory")
+  else:
+    args += ["--config.optim.lr=1e30", "--config.train.max_nonfinite_steps=3"]
+  r = _main(*args)
+  assert r.returncode == (1 if case == "file_workdir" else 3), r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  if case == "file_workdir":
+    assert last == f"config error: --workdir={w}: exists and is not a directory"
+  else:
+    assert last.startswith("diverged: 3 non-finite steps in a row up to step "), last
+    records = [json.loads(line) for line in open(w / "metrics.jsonl")]  # valid JSON
+    assert any(r.get("loss") is None for r in records)

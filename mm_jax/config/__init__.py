@@ -47,7 +47,8 @@ __all__ = ["ATTENTION_IMPLS", "DTYPES", "MERGE_IMPLS", "MODALITIES", "REMAT", "S
            "STAGES", "AudioConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
            "DecoderConfig", "EvalConfig", "GenerateConfig", "InitConfig", "LoraConfig",
            "MeshConfig", "ModelConfig", "OptimConfig", "ProjectorConfig", "TrainConfig",
-           "VideoConfig", "VisionConfig", "from_config_dict", "to_dict"]
+           "VideoConfig", "VisionConfig", "defaults", "fill_defaults", "from_config_dict",
+           "to_dict"]
 
 STAGES = ("full", "pretrain", "finetune", "finetune_lora", "finetune_qlora")
 
@@ -142,6 +143,24 @@ def _tokenizer_from_init(config: Config) -> Config:
       or not any(os.path.isfile(os.path.join(folder, n)) for n in names)):
     return config
   return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=folder))
+
+
+def defaults() -> dict[str, Any]:
+  """Every field of `Config` with its typed default, nested as the ConfigDict is: presets
+  start from this and change what they tune, so any key can be overridden from any preset."""
+  return dataclasses.asdict(Config())
+
+
+def fill_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+  """`values` (a nested dict, maybe partial) over `defaults()`: every group and field."""
+  def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(base.get(k), dict) and isinstance(
+          v, Mapping) else v
+    return out
+
+  return merge(defaults(), values)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

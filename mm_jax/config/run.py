@@ -147,9 +147,13 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0  # 0: only at the end
   eval_batches: int = 0  # 0: the whole held-out split
+  # A step with a non-finite loss or gradient applies no update; this many in a row stop
+  # the run (exit 3, mm_jax/faults.py).
+  max_nonfinite_steps: int = 10
 
   def validate(self, key: str) -> None:
     _check(self.steps > 0, f"{key}.steps", "must be positive")
+    _check(self.max_nonfinite_steps > 0, f"{key}.max_nonfinite_steps", "must be positive")
     _check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
     _check(self.log_every > 0, f"{key}.log_every", "must be positive")
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")

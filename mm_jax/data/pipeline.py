@@ -7,7 +7,8 @@ tokens/targets/loss_mask/segment_ids/positions [B, T]; per modality the model re
   video float32[B*Mv, F, S, S, 3], video_valid bool[B*Mv]
   audio float32[B*Ma, L, n_mels] (log-mel, zero past each clip's end), audio_valid
   bool[B*Ma], audio_frames int32[B*Ma] (valid log-mel frames of each clip)
-Eval batches also carry kind int32[B, 1] (the sample's question kind, -1 if none).
+Eval batches also carry kind int32[B, 1] (the sample's question kind, -1 if none) and
+row_valid bool[B] (False: a padding row, which counts toward nothing; eval_iterator).
 Stages:
 
 1. source: a grain MapDataset of raw items (synthetic index, LLaVA JSON record), this
@@ -24,7 +25,8 @@ Stages:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
@@ -337,8 +339,8 @@ def read_threads(data: DataConfig) -> int:
 
 
 def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,
-              global_batch: int, stats: skips.SkipStats, *, with_kind: bool = False
-              ) -> grain.DatasetIterator:
+              global_batch: int, stats: skips.SkipStats, *, with_kind: bool = False,
+              drop_remainder: bool = True) -> grain.DatasetIterator:
   pc, pi = jax.process_count(), jax.process_index()
   if global_batch % pc:
     raise ValueError(f"config.train.batch_size {global_batch} not divisible by {pc} processes")
@@ -357,8 +359,8 @@ def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: R
       it, length_struct=_length_struct(spec, with_kind),
       num_packing_bins=max(global_batch // pc, 1) if data.pack else 1, shuffle_bins=False,
       max_sequences_per_bin=None if data.pack else 1)
-  it = it.map(_row_from_packed).batch(global_batch // pc, drop_remainder=True).map(collate)
-  return iter(it)
+  it = it.map(_row_from_packed).batch(global_batch // pc, drop_remainder=drop_remainder)
+  return iter(it.map(collate))
 
 
 def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: int,
@@ -376,13 +378,55 @@ def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: 
 
 
 def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int,
-                  stats: skips.SkipStats | None = None) -> grain.DatasetIterator:
-  """One pass over the held-out split (the last partial batch is dropped), one sample per
-  row: exact-match accuracy is scored per row (eval_step)."""
+                  stats: skips.SkipStats | None = None, max_batches: int = 0
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the whole held-out split, one sample per row: exact-match accuracy is
+  scored per row (eval_step).
+
+  Every process yields the same eval_steps() batches, at most `max_batches` (> 0), since
+  each eval step is a collective: the last partial batch is topped up with padding rows
+  (padding_rows), and a process whose share runs out sooner (skipped records, a smaller
+  `items[pi::pc]`) yields whole padding batches. Shapes stay those of a full batch.
+  """
   data = dataclasses.replace(data, pack=False)
   items, make = source_examples(data, spec, split="eval")
-  return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats(),
-                   with_kind=True)
+  it = _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats(),
+                 with_kind=True, drop_remainder=False)
+  steps = eval_steps(len(items), global_batch, jax.process_count())
+  if max_batches:
+    steps = min(steps, max_batches)
+  return _padded(it, steps, padding_rows(spec, global_batch // jax.process_count()))
+
+
+def eval_steps(records: int, global_batch: int, processes: int) -> int:
+  """Eval batches that score every record: enough for the largest process share
+  (`items[pi::pc]` holds at most ceil(records / pc)), the same on every process."""
+  share = -(-records // processes)
+  return -(-share // (global_batch // processes))
+
+
+def padding_rows(spec: RowSpec, rows: int) -> dict[str, np.ndarray]:
+  """`rows` eval rows that count toward nothing: no loss token (so no loss, no answer), no
+  valid media, kind -1, row_valid False; zeros elsewhere (segment 0, as a packed row's
+  padding tail). Shapes and dtypes are an eval batch's of `rows` rows."""
+  out = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(spec, rows).items()}
+  return {**out, "kind": np.full((rows, 1), -1, np.int32), "row_valid": np.zeros(rows, bool)}
+
+
+def _padded(batches: Iterator[dict], steps: int, pad: dict[str, np.ndarray]
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """`steps` batches of `batches`, each topped up from `pad`, then whole `pad` batches."""
+  rows = len(pad["tokens"])
+  for local in itertools.islice(itertools.chain(batches, itertools.repeat(None)), steps):
+    if local is None:
+      yield dict(pad)  # a copy: callers pop keys
+      continue
+    n = len(local["tokens"])
+    local = {**local, "row_valid": np.ones(n, bool)}
+    if n < rows:  # a key with M items per row ([B*M, ...] media) takes M per padding row
+      local = {k: np.concatenate([v, pad[k][:len(pad[k]) // rows * (rows - n)]])
+               for k, v in local.items()}
+    yield local
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from mm_jax import sharding
+from mm_jax import paths, sharding
 from mm_jax.config import Config
 from mm_jax.infer import generate, prompts
 from mm_jax.models.audio import tokens_for_frames
@@ -23,7 +22,7 @@ def load_model(cfg: Config, workdir: str | None, mesh) -> tuple[MultimodalModel,
   """
   from mm_jax.interop import hf
 
-  if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if workdir and paths.isdir(paths.join(workdir, "checkpoints")):
     model, step = hf.restore_model(cfg, workdir, mesh=mesh)
     return model, f"{workdir}/checkpoints step {step}"
   if not any(dataclasses.astuple(cfg.init)):
@@ -35,11 +34,11 @@ def load_model(cfg: Config, workdir: str | None, mesh) -> tuple[MultimodalModel,
 def answer(cfg: Config, model: MultimodalModel, text: str, images: Sequence[str] = (),
            videos: Sequence[str] = (), audios: Sequence[str] = ()) -> str:
   """The model's reply to one prompt with its media files, decoded to text."""
-  for m, paths, slots in (("image", images, cfg.data.images_per_sample),
+  for m, files, slots in (("image", images, cfg.data.images_per_sample),
                           ("video", videos, cfg.data.videos_per_sample),
                           ("audio", audios, cfg.data.audios_per_sample)):
-    if len(paths) > slots:
-      raise prompts.PromptError(f"{len(paths)} {m} files but config.data.{m}s_per_sample is "
+    if len(files) > slots:
+      raise prompts.PromptError(f"{len(files)} {m} files but config.data.{m}s_per_sample is "
                                 f"{slots}")
   tok = prompts.tokenizer_for(cfg)
   mods = cfg.model.modalities

@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from mm_jax import config as config_lib
-from mm_jax import sharding
+from mm_jax import paths, sharding
 from mm_jax.config import Config, MeshConfig
 from mm_jax.interop import hf_export, peft_export
 from mm_jax.interop.hf_import import covered, init_from_hf
@@ -59,20 +59,28 @@ def restore_model(cfg: Config, workdir: str, step: int | None = None,
   from mm_jax.train import state as state_lib
   from mm_jax.train.checkpoint import Checkpointer
 
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.join(workdir, "checkpoints")
+  if not paths.isdir(directory):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (train there first)")
   mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
   built = state_lib.build(cfg, mesh)
-  ckpt = Checkpointer(directory, cfg.checkpoint)
+  from mm_jax.train import recovery
+
+  # read_only: a run training in this workdir may be writing a checkpoint right now.
+  ckpt = Checkpointer(directory, cfg.checkpoint, read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
+    if step is not None and step not in ckpt.manager.all_steps():
       raise FileNotFoundError(f"{directory}: no checkpoint for step {step} "
                               f"(have {sorted(ckpt.manager.all_steps())})")
     with jax.set_mesh(mesh):
       # A LoRA run: base from its source. No optimizer state: generation needs none.
-      state = state_lib.restore(built, cfg, ckpt, step, optimizer=False)
+      if step is None:  # the newest that verifies
+        state, step = recovery.restore_latest(built, cfg, ckpt, workdir, optimizer=False,
+                                              move_aside=False)
+        if state is None:
+          raise FileNotFoundError(f"{directory}: no checkpoint (train there first)")
+      else:
+        state = state_lib.restore(built, cfg, ckpt, step, optimizer=False)
   finally:
     ckpt.close()
   return nnx.merge(built.fns.graphdef, state.params, state.frozen), step
@@ -80,11 +88,10 @@ def restore_model(cfg: Config, workdir: str, step: int | None = None,
 
 def read_run_config(workdir: str) -> Config:
   """WORKDIR/config.json (written by training) as a validated Config."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.isfile(path):
     raise FileNotFoundError(f"{path}: missing (is {workdir} a training workdir?)")
-  with open(path) as f:
-    return config_lib.from_config_dict(json.load(f))
+  return config_lib.from_config_dict(json.loads(paths.read_text(path)))
 
 
 def export(workdir: str, out: str = "", step: int | None = None, *, dtype: str = "",

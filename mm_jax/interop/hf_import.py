@@ -33,6 +33,7 @@ from mm_jax.config import ConfigError, InitConfig, ModelConfig, VisionConfig
 from mm_jax.interop import audio_mapping as am
 from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
+from mm_jax.interop import video_mapping
 from mm_jax.interop.safetensors_io import SafetensorsFolder
 
 # ----------------------------------------------------------------------------- config.json
@@ -182,6 +183,7 @@ class Source:
   vocab_rows: rows of the hf_mapping.VOCAB_ROWS tensors when an export grew them past the
   preset's vocabulary (0: as the rules say); the extra rows must be zero and are dropped
   (checked as each tensor streams in, so a non-zero row stops the import there).
+  skip: normalised keys that are stored but read by no parameter.
   """
 
   folder: str
@@ -191,6 +193,7 @@ class Source:
   tied: bool = False
   verify: tuple[tuple[str, Callable[[np.ndarray], None]], ...] = ()
   vocab_rows: int = 0
+  skip: tuple[str, ...] = ()  # stored keys that are not read (LLaVA-NeXT's image_newline)
 
 
 def _rooted(rules: Sequence[hm.Rule], prefix: hm.Path) -> tuple[hm.Rule, ...]:
@@ -198,10 +201,18 @@ def _rooted(rules: Sequence[hm.Rule], prefix: hm.Path) -> tuple[hm.Rule, ...]:
 
 
 def llava_source(folder: str, cfg: ModelConfig) -> Source:
+  """A LlavaForConditionalGeneration folder, or a LlavaNextVideoForConditionalGeneration
+  one (its video path: shared tower and projector; `image_newline` is not read)."""
   path = os.path.join(folder, "config.json")
   raw = read_config(folder)
-  _expect_type(raw, ("llava",), "llava_from_hf", path)
-  theirs = _hf_config(folder, "llava_from_hf", hc.model_config_from_hf_llava, raw)
+  _expect_type(raw, ("llava", "llava_next_video"), "llava_from_hf", path)
+  video = raw["model_type"] == "llava_next_video"
+  if video:
+    theirs = _hf_config(folder, "llava_from_hf",
+                        video_mapping.model_config_from_hf_llava_next_video, raw,
+                        cfg.video.num_frames)
+  else:
+    theirs = _hf_config(folder, "llava_from_hf", hc.model_config_from_hf_llava, raw)
   _check_text(raw["text_config"], folder)
   # hf_export's zero rows up to the placeholder id (tiny: V 128 -> 129) are not vocabulary.
   v, rows = cfg.decoder.vocab_size, theirs.decoder.vocab_size
@@ -213,12 +224,18 @@ def llava_source(folder: str, cfg: ModelConfig) -> Source:
   compare(cfg.vision, theirs.vision, LLAVA_VISION_KEYS, "config.model.vision", path)
   compare(cfg.decoder, theirs.decoder, decoder_keys(cfg.decoder.family),
           "config.model.decoder", path, "text_config.")
-  compare(cfg, theirs, dict(image_token_id="image_token_index"), "config.model", path)
+  if "image" in cfg.modalities or not video:
+    compare(cfg, theirs, dict(image_token_id="image_token_index"), "config.model", path)
   compare(cfg.projector, theirs.projector, dict(kind="projector_hidden_act"),
           "config.model.projector", path)
+  if video:
+    compare(cfg, theirs, dict(video_token_id="video_token_index"), "config.model", path)
+    compare(cfg.video, theirs.video, dict(pool="spatial_pool_stride"), "config.model.video",
+            path)
   _check_mean_std(folder, cfg.vision)
-  return Source(folder, "llava", tuple(hm.llava_rules(cfg)), tied=cfg.decoder.tie_embeddings,
-                vocab_rows=grown)
+  rules = video_mapping.llava_next_video_rules(cfg) if video else hm.llava_rules(cfg)
+  return Source(folder, "llava", tuple(rules), tied=cfg.decoder.tie_embeddings,
+                vocab_rows=grown, skip=video_mapping._NEWLINE if video else ())
 
 
 def vision_source(folder: str, cfg: ModelConfig) -> Source:
@@ -311,7 +328,7 @@ def _names(src: Source, st: SafetensorsFolder) -> dict[str, str]:
   names = hm.normalize_keys({k: k for k in stored}, src.family)
   wanted = {r.hf for r in src.rules} | {key for key, _ in src.verify}
   for key, name in names.items():
-    skip = hm.ignored(key) or (src.tied and key == "lm_head.weight")
+    skip = hm.ignored(key) or (src.tied and key == "lm_head.weight") or key in src.skip
     if key not in wanted and not skip:
       raise ValueError(f"{name} in {st.file_of(name)}: no parameter of the model takes it "
                        f"(config.init expects a {src.family} checkpoint matching the preset)")

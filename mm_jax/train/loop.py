@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from mm_jax import config as config_lib
-from mm_jax import sharding
+from mm_jax import distributed, paths, sharding
+from mm_jax import goodput as goodput_lib
 from mm_jax.config import Config
 from mm_jax.data import pipeline, skips
+from mm_jax.faults import Diverged, Preempted
 from mm_jax.train import base as base_lib
 from mm_jax.train import metrics as metrics_lib
+from mm_jax.train import recovery, stopping
 from mm_jax.train import state as state_lib
+from mm_jax.train import workdir as workdir_lib
 from mm_jax.train.checkpoint import Checkpointer
 from mm_jax.train.step import eval_step, train_step
 
@@ -28,13 +32,6 @@ def batch_shardings(mesh, spec: pipeline.RowSpec, batch: int) -> dict:
 
 def row_spec(cfg: Config) -> pipeline.RowSpec:
   return pipeline.RowSpec.create(cfg.data, cfg.model)
-
-
-def write_config(cfg: Config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_lib.to_dict(cfg), f, indent=2)
 
 
 def check_batch(cfg: Config, mesh) -> None:
@@ -50,77 +47,185 @@ def check_batch(cfg: Config, mesh) -> None:
 
 
 def train(cfg: Config, workdir: str) -> dict:
-  """Trains to `cfg.train.steps`, resuming from the latest checkpoint in `workdir`."""
+  """Trains to `cfg.train.steps`, resuming from the newest checkpoint in `workdir` that
+  verifies. Raises Preempted (exit 42) after saving when a stop signal arrives, Diverged
+  (exit 3) after `train.max_nonfinite_steps` skipped steps in a row, CheckpointError when
+  a save fails (mm_jax/faults.py)."""
+  workdir_lib.check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   check_batch(cfg, mesh)
-  built = state_lib.build(cfg, mesh)
-  spec, total = row_spec(cfg), cfg.train.steps
-  stats = skips.SkipStats()
-  data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
-                                 seed=cfg.train.seed, stats=stats)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-  start = ckpt.latest_step() or 0
-  with jax.set_mesh(mesh):
-    if start:
-      metrics_lib.log(f"resuming from step {start} in {workdir}")
-      state = state_lib.restore(built, cfg, ckpt, start, data)
-    else:
-      state = state_lib.initialise(built, cfg)
-    # A LoRA run's checkpoints hold the fingerprint of its frozen base, not the base.
-    base = ({"fingerprint": base_lib.fingerprint(state.frozen), "source": base_lib.source(cfg)}
-            if base_lib.saves_base(cfg) else None)
-  # Only now: a refused resume (another base, a bad checkpoint) leaves the run's record.
-  write_config(cfg, workdir)
-  batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
-  step_fn = jax.jit(functools.partial(train_step, built.fns),
-                    in_shardings=(built.shardings, batch_sh),
-                    out_shardings=(built.shardings, None), donate_argnums=0)
-  counts = state_lib.param_counts(built.abstract)
-  flops = metrics_lib.flops_per_step(cfg.model, cfg.train.batch_size, spec.seq_len,
-                                     cfg.train.batch_size * spec.images_per_sample, counts,
-                                     state_lib.trainable_modules(built.abstract))
-  peak = metrics_lib.peak_flops_per_device()
-  writer = metrics_lib.MetricsWriter(workdir)
-  speed = metrics_lib.Throughput(start, total)
-  last: dict = {}
+  goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
+  goodput.event("start", mode="train")
+  status, step = "error", 0
+  ckpt = Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint)
   try:
-    with jax.set_mesh(mesh):
-      for step in range(start, total):
-        local = next(data)
-        real = int((local["segment_ids"] > 0).sum())
-        speed.add(real * jax.process_count())
-        state, m = step_fn(state, pipeline.global_batch(local, batch_sh))
-        n = step + 1
-        if n % cfg.train.log_every == 0 or n == total:
-          last = {**jax.device_get(m), **speed.report(n), **stats.metrics(),
-                  "data/packing_efficiency": real / local["segment_ids"].size}
-          last["mfu"] = (flops / last["step_time_s"] / (peak * jax.device_count())
-                         if peak else None)
-          writer.write(n, last)
-          metrics_lib.log(metrics_lib.progress_line(n, total, last))
-        if (cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total
-            and has_eval_data(cfg)):
-          writer.write(n, evaluate_state(cfg, built, state, mesh))
-        # Preemption is checked every step so the grace period is not wasted.
-        preempted = n < total and ckpt.reached_preemption(n)
-        if n < total and (n % cfg.checkpoint.every == 0 or preempted):
-          ckpt.save(n, state, data, force=preempted, base=base)
-        if preempted:
-          ckpt.wait()
-          metrics_lib.log(f"preempted: saved step {n}, exiting")
-          return last
-      if ckpt.latest_step() != total:
-        ckpt.save(total, state, data, force=True, base=base)
-      if not has_eval_data(cfg):
-        metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
-        return last
-      result = evaluate_state(cfg, built, state, mesh)
-      writer.write(total, result)
-      metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
-      return {**last, **result}
+    with stopping.StopSignals() as signals:  # from here a signal stops at a step boundary
+      run = _Run(cfg, workdir, mesh, ckpt, goodput, signals)
+      result = run.loop()
+      status, step = "finished", cfg.train.steps
+      return result
+  except Preempted as e:
+    status, step = "preempted", e.step
+    raise
+  except Diverged:
+    status = "diverged"
+    raise
   finally:
     ckpt.close()  # waits for any async save: a crash never loses a checkpoint in flight
-    writer.close()
+    goodput.event("end", status=status, step=step)
+    goodput.close()
+
+
+class _Run:
+  """One attempt of a training run: start or resume, then the step loop with its
+  periodic hooks (log, eval, checkpoint, stop)."""
+
+  def __init__(self, cfg: Config, workdir: str, mesh, ckpt: Checkpointer, goodput, signals):
+    self.cfg, self.workdir, self.mesh, self.ckpt = cfg, workdir, mesh, ckpt
+    self.goodput, self.signals = goodput, signals
+    self.built = state_lib.build(cfg, mesh)
+    self.spec = row_spec(cfg)
+    self.stats = skips.SkipStats()
+    self.data = pipeline.train_iterator(cfg.data, self.spec, global_batch=cfg.train.batch_size,
+                                        seed=cfg.train.seed, stats=self.stats)
+    self.batch_sh = batch_shardings(mesh, self.spec, cfg.train.batch_size)
+    self.stop_sh = sharding.batch_sharding(mesh, 1)
+
+  def start(self):
+    """The state and its step: the newest checkpoint that verifies, else a fresh one."""
+    cfg, t0 = self.cfg, time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      state, start = recovery.restore_latest(self.built, cfg, self.ckpt, self.workdir,
+                                             self.data)
+      if state is None:
+        state = state_lib.initialise(self.built, cfg)
+        self.goodput.event("init", dur_s=time.perf_counter() - t0)
+      else:
+        self.goodput.event("restore", step=start, dur_s=time.perf_counter() - t0)
+        metrics_lib.log(f"resumed from step {start} in {self.workdir}")
+        diff = workdir_lib.config_diff(workdir_lib.saved_config(self.workdir), cfg)
+        if diff:
+          metrics_lib.log(f"config differs from the saved run: {workdir_lib.format_diff(diff)}")
+      # A LoRA run's checkpoints hold the fingerprint of its frozen base, not the base.
+      self.base = ({"fingerprint": base_lib.fingerprint(state.frozen),
+                    "source": base_lib.source(cfg)} if base_lib.saves_base(cfg) else None)
+    # Only now: a refused resume (another base, a bad checkpoint) leaves the run's record.
+    workdir_lib.write_config(cfg, self.workdir)
+    return state, start
+
+  def save(self, state, n: int, guard: stopping.StepGuard) -> None:
+    t0 = time.perf_counter()
+    self.ckpt.save(n, state, self.data, base=self.base,
+                   counters={"skipped_nonfinite": guard.skipped_total})
+    self.goodput.event("checkpoint_save", step=n, dur_s=time.perf_counter() - t0)
+
+  def evaluate(self, state, n: int, writer: metrics_lib.MetricsWriter) -> dict:
+    """An eval of step `n`: to metrics.jsonl and WORKDIR/eval_<n>.json, as --mode=eval."""
+    t0 = time.perf_counter()
+    result = evaluate_state(self.cfg, self.built, state, self.mesh)
+    self.goodput.event("eval", step=n, dur_s=time.perf_counter() - t0)
+    writer.write(n, result)
+    write_eval_json(self.cfg, self.workdir, n, result)
+    return result
+
+  def loop(self) -> dict:
+    cfg, total = self.cfg, self.cfg.train.steps
+    state, start = self.start()
+    guard = stopping.StepGuard(cfg.train.max_nonfinite_steps,
+                               self.ckpt.read_counters(start).get("skipped_nonfinite", 0)
+                               if start else 0)
+    step_fn = jax.jit(functools.partial(train_step, self.built.fns),
+                      in_shardings=(self.built.shardings, self.batch_sh, self.stop_sh),
+                      out_shardings=(self.built.shardings, None), donate_argnums=0)
+    counts = state_lib.param_counts(self.built.abstract)
+    flops = metrics_lib.flops_per_step(cfg.model, cfg.train.batch_size, self.spec.seq_len,
+                                       cfg.train.batch_size * self.spec.images_per_sample,
+                                       counts, state_lib.trainable_modules(self.built.abstract))
+    peak = metrics_lib.peak_flops_per_device()
+    writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)
+    speed, window = metrics_lib.Throughput(start, total), _Window(self.goodput, start)
+    last: dict = {}
+    pending = None  # (step, metrics) of the step before: its flags are read one step late
+    try:
+      with jax.set_mesh(self.mesh):
+        for step in range(start, total):
+          t0 = time.perf_counter()
+          local = next(self.data)
+          window.data_wait += time.perf_counter() - t0
+          real = int((local["segment_ids"] > 0).sum())
+          speed.add(real * jax.process_count())
+          stop = jax.make_array_from_process_local_data(
+              self.stop_sh, self.signals.rows(len(local["tokens"])))
+          batch = pipeline.global_batch(local, self.batch_sh)
+          if step == start and jax.process_count() > 1:
+            # Compile, then meet: the first run's collectives rendezvous with a short
+            # timeout, which a host still compiling would miss (distributed.barrier).
+            step_fn = step_fn.lower(state, batch, stop).compile()
+            distributed.barrier(f"train_step_compiled_{start}")
+          state, m = step_fn(state, batch, stop)
+          n = step + 1
+          if pending is not None:
+            guard.observe(*pending)
+          pending = (n, m)
+          if n == start + 1:  # the first step's time is XLA's compile
+            jax.block_until_ready(m)
+            self.goodput.event("compile", dur_s=time.perf_counter() - t0)
+            window.restart(n)
+          self.ckpt.poll()  # a failed async save stops the run now, not at the next save
+          if n % cfg.train.log_every == 0 or n == total:
+            last = {**jax.device_get(m), **speed.report(n), **self.stats.metrics(),
+                    "data/packing_efficiency": real / local["segment_ids"].size,
+                    "train/skipped_nonfinite": guard.skipped_total}
+            last["mfu"] = (flops / last["step_time_s"] / (peak * jax.device_count())
+                           if peak else None)
+            del last["stop"]
+            writer.write(n, last)
+            metrics_lib.log(metrics_lib.progress_line(n, total, last))
+          if (cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total
+              and has_eval_data(cfg)):
+            window.flush(n)
+            self.evaluate(state, n, writer)
+            window.restart(n)
+          if n < total and (n % cfg.checkpoint.every == 0 or guard.stop):
+            window.flush(n)
+            self.save(state, n, guard)
+            window.restart(n)
+          if guard.stop and n < total:
+            self.ckpt.wait()  # committed before we say so: a restart finds it
+            self.goodput.event("preempted", step=n)
+            raise Preempted(n, self.signals.received or "a stop signal on another process")
+        if pending is not None:
+          guard.observe(*pending)
+        window.flush(total)
+        if self.ckpt.latest_step() != total:
+          self.save(state, total, guard)
+        self.ckpt.wait()
+        if not has_eval_data(cfg):
+          metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
+          return last
+        result = self.evaluate(state, total, writer)
+        metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
+        return {**last, **result}
+    finally:
+      writer.close()
+
+
+class _Window:
+  """Goodput `train` events: the wall time of a run of steps and its data wait, cut at
+  every save, eval and the end so that those events' own time is not counted twice."""
+
+  def __init__(self, goodput, step: int):
+    self.goodput = goodput
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.first, self.t0, self.data_wait = step + 1, time.perf_counter(), 0.0
+
+  def flush(self, last: int) -> None:
+    if last >= self.first:
+      self.goodput.event("train", first_step=self.first, last_step=last,
+                         dur_s=time.perf_counter() - self.t0, data_wait_s=self.data_wait)
+    self.restart(last)
 
 
 @functools.cache
@@ -140,18 +245,19 @@ def has_eval_data(cfg: Config) -> bool:
 
 
 def evaluate_state(cfg: Config, built, state, mesh) -> dict:
-  """Loss, perplexity and exact-match answer accuracy on the held-out split."""
+  """Loss, perplexity and exact-match answer accuracy on the held-out split, every record
+  scored once (padding rows count toward nothing: pipeline.eval_iterator)."""
   spec = row_spec(cfg)
   batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
   fn = _eval_fn(built, tuple(sorted(batch_sh.items())))
-  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size)
+  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
+                                max_batches=cfg.train.eval_batches)
   sums: dict[str, float] = {}
   names = pipeline.kind_names(cfg.data)
   per_kind = np.zeros((len(names), 2), np.int64)  # [kind, (exact, answers)]
-  for i, local in enumerate(data):
-    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-      break
-    kinds = local.pop("kind")[:, 0]
+  for local in data:
+    # A padding row has no loss token, so eval_step's sums skip it; per kind, its kind -1.
+    kinds = np.where(local.pop("row_valid"), local.pop("kind")[:, 0], -1)
     out = fn(_weights(state), pipeline.global_batch(drop_modality(cfg, local), batch_sh))
     rows = {k: multihost_utils.process_allgather(out.pop(k), tiled=True)
             for k in ("row_exact", "row_answer")}
@@ -161,9 +267,9 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
     for k in range(len(names)):
       per_kind[k] += [(rows["row_exact"] & (kinds == k)).sum(),
                       (rows["row_answer"] & (kinds == k)).sum()]
-  if not sums:
-    raise ValueError(f"config.data.num_eval={cfg.data.num_eval}: fewer held-out samples than "
-                     f"one batch of config.train.batch_size={cfg.train.batch_size}")
+  if not sums.get("answers"):
+    raise ValueError(f"no held-out record to score (config.data.num_eval="
+                     f"{cfg.data.num_eval}, or every record skipped)")
   loss = sums["loss_sum"] / max(sums["loss_tokens"], 1)
   result = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
             "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
@@ -208,44 +314,57 @@ def generated_accuracy(cfg: Config, built, state, spec) -> dict:
   settings = generate.Decoding(max_new_tokens=cfg.generate.max_new_tokens,
                                stop_ids=prompts.stop_ids(cfg, tok), pad_id=int(tok.pad_id))
   gen = generate.Generator(nnx.merge(built.fns.graphdef, state.params, state.frozen), settings)
-  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size)
+  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
+                                max_batches=cfg.train.eval_batches)
   correct = total = 0
-  for i, local in enumerate(data):
-    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-      break
+  for local in data:
+    # score_batch scores the rows with a loss token: never a padding row.
+    local["loss_mask"] = local["loss_mask"] & local.pop("row_valid")[:, None]
     c, n = vqa.score_batch(gen, drop_modality(cfg, local), tok.decode)
     correct, total = correct + c, total + n
-  return {"eval/vqa_accuracy": correct / max(total, 1)}
+  return {"eval/vqa_accuracy": correct / max(total, 1), "eval/vqa_samples": total}
 
 
 def evaluate(cfg: Config, workdir: str) -> dict:
   """--mode=eval: restores the latest checkpoint and evaluates it."""
   mesh = sharding.make_mesh(cfg.mesh)
   built = state_lib.build(cfg, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-  step = ckpt.latest_step()
-  if step is None:
+  directory = paths.join(workdir, "checkpoints")
+  if not paths.isdir(directory) or not paths.listdir(directory):
     raise FileNotFoundError(f"--mode=eval: no checkpoint under {workdir}/checkpoints")
+  # read_only: a run training in this workdir may be writing a checkpoint right now.
+  ckpt = Checkpointer(directory, cfg.checkpoint, read_only=True)
   try:
-    with jax.set_mesh(mesh):
-      state = state_lib.restore(built, cfg, ckpt, step, optimizer=False)
+    with jax.set_mesh(mesh):  # the newest checkpoint that verifies; nothing is moved
+      state, step = recovery.restore_latest(built, cfg, ckpt, workdir, optimizer=False,
+                                            move_aside=False)
+      if state is None:
+        raise FileNotFoundError(f"--mode=eval: no checkpoint under {directory}")
       result = evaluate_state(cfg, built, state, mesh)
   finally:
     ckpt.close()
+  write_eval_json(cfg, workdir, step, result)
   if jax.process_index() == 0:
-    accuracy = {k.removeprefix("eval/accuracy/"): v for k, v in result.items()
-                if k.startswith("eval/accuracy/")}
-    by_question = {k: accuracy.pop(k) for k in list(accuracy) if "/" in k}
-    # An ablation writes beside the plain result, never over it.
-    drop = f"_drop_{cfg.eval.drop_modality}" if cfg.eval.drop_modality else ""
-    with open(os.path.join(workdir, f"eval_{step}{drop}.json"), "w") as f:
-      json.dump({"step": step, "accuracy": accuracy, "accuracy_by_question": by_question,
-                 "drop_modality": cfg.eval.drop_modality, **result}, f, indent=2)
     writer = metrics_lib.MetricsWriter(workdir)
     writer.write(step, result)
     writer.close()
   metrics_lib.log(f"eval at step {step}: {_fmt(result)}")
   return result
+
+
+def write_eval_json(cfg: Config, workdir: str, step: int, result: dict) -> None:
+  """WORKDIR/eval_<step>.json (process 0): accuracy per kind and per question, then every
+  metric of `result` (evaluate_state), for --mode=eval and the evals of a training run."""
+  if jax.process_index() != 0:
+    return
+  accuracy = {k.removeprefix("eval/accuracy/"): v for k, v in result.items()
+              if k.startswith("eval/accuracy/")}
+  by_question = {k: accuracy.pop(k) for k in list(accuracy) if "/" in k}
+  # An ablation writes beside the plain result, never over it.
+  drop = f"_drop_{cfg.eval.drop_modality}" if cfg.eval.drop_modality else ""
+  paths.write_text(paths.join(workdir, f"eval_{step}{drop}.json"), json.dumps(
+      {"step": step, "accuracy": accuracy, "accuracy_by_question": by_question,
+       "drop_modality": cfg.eval.drop_modality, **result}, indent=2))
 
 
 def _fmt(d: dict) -> str:

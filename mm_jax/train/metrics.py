@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
+import math
 import time
 
 import jax
 
+from mm_jax import paths
 from mm_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from vendor data sheets (no sparsity).
@@ -53,36 +54,67 @@ def flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, images: int,
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  """Appends to metrics.jsonl and TensorBoard. `resume_step`: the step the run restarts
+  from; records after it (steps the restart replays) are dropped from both first, so a
+  resumed run's metrics.jsonl has each step once."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled and jax.process_index() == 0
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+      paths.makedirs(workdir)
+      keep = None if resume_step is None else (lambda lines: _records_up_to(lines, resume_step))
+      self._jsonl = paths.LineLog(paths.join(workdir, "metrics.jsonl"), keep=keep)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+      self._tb_dir = paths.LocalMirror(paths.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(self._tb_dir.local, **purge)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write(json.dumps(record, allow_nan=False))
     for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(k, v, step)
+    if self._tb_dir.remote:
+      self._tb.flush()
+      self._tb_dir.sync()
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      self._tb_dir.sync()
 
 
 def _py(v):
+  """A JSON value: numpy scalars unwrapped, NaN and inf as null (bare NaN is not JSON)."""
+  if isinstance(v, dict):
+    return {k: _py(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_py(x) for x in v]
   try:
-    return v.item()
-  except AttributeError:
-    return v
+    v = v.item()
+  except (AttributeError, ValueError):  # ValueError: an array of several values
+    v = v.tolist() if hasattr(v, "tolist") else v
+    return _py(v) if isinstance(v, list) else v
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
+
+
+def _records_up_to(lines: list[str], step: int) -> list[str]:
+  """The records of steps <= `step` (a resume replays the rest; a torn line is dropped)."""
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue
+  return kept
 
 
 class Throughput:

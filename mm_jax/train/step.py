@@ -1,7 +1,10 @@
 """Pure train and eval steps over split NNX state.
 
-`train_step(state, batch) -> (state, metrics)` has no Python side effects; `loop.py` jits
-it once with explicit in/out shardings and donates `state`. Gradient accumulation runs
+`train_step(state, batch, stop) -> (state, metrics)` has no Python side effects; `loop.py`
+jits it once with explicit in/out shardings and donates `state`. A step whose loss or
+gradient is not finite applies no update (parameters and optimizer state come back
+unchanged, `skipped_nonfinite` = 1): one bad batch or an overflow never poisons the state,
+and every checkpoint stays finite. Gradient accumulation runs
 micro-batches in a `lax.scan` and applies ONE optimizer update, normalising by the loss
 tokens of the whole batch so the result equals the unaccumulated step.
 """
@@ -60,7 +63,10 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def train_step(fns: StepFns, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+def train_step(fns: StepFns, state: TrainState, batch: dict, stop: jax.Array | None = None
+               ) -> tuple[TrainState, dict]:
+  """stop: bool[B], each process's stop-signal flag on its own rows (stopping.py); the
+  metrics' `stop` is their any() over every process."""
   mask = batch["loss_mask"]
   n_loss = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
 
@@ -90,10 +96,18 @@ def train_step(fns: StepFns, state: TrainState, batch: dict) -> tuple[TrainState
     (loss, correct, grads), _ = jax.lax.scan(body, init, xs)
 
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "accuracy": correct / n_loss, "grad_norm": optax.tree.norm(grads),
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  params = keep_if_bad(optax.apply_updates(state.params, updates), state.params)
+  opt_state = keep_if_bad(opt_state, state.opt_state)
+  metrics = {"loss": loss, "accuracy": correct / n_loss, "grad_norm": grad_norm,
              "lr": fns.schedule(state.step), "loss_tokens": mask.sum(),
-             "tokens": (batch["segment_ids"] > 0).sum()}
+             "tokens": (batch["segment_ids"] > 0).sum(),
+             "skipped_nonfinite": (~finite).astype(jnp.int32)}
+  if stop is not None:
+    metrics["stop"] = stop.any()
+  # The step counter advances either way: the data position and the schedule stay in step.
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -60,15 +60,36 @@ def test_main_trains_and_evaluates_on_a_llava_folder(folder, tmp_path, source):
     assert list((tmp_path / "tfds").glob(f"llava_records/*/{version}/*.array_record*"))
 
 
-def test_wrong_placeholder_id_is_a_clear_error(folder, tmp_path):
+def _main(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _folder_args(folder, workdir):
   root, train, _ = folder
-  args = ["--config=configs/llava.py:tiny", f"--workdir={tmp_path}",
+  return ["--config=configs/llava.py:tiny", f"--workdir={workdir}",
           "--config.data.source=llava_json", f"--config.data.json={train}",
           f"--config.data.image_dir={root}", f"--config.data.tokenizer={root / 'tokenizer.json'}"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  r = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=600)
+
+
+def test_the_tokenizer_ids_and_vocabulary_are_adopted_when_not_set(folder, tmp_path):
+  root = folder[0]
+  tok = text.load_tokenizer(str(root / "tokenizer.json"))
+  r = _main(*_folder_args(folder, tmp_path), "--print_config")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (f"config from tokenizer {root / 'tokenizer.json'}: "
+          f"model.image_token_id={tok.tag_id('<image>')}, "
+          f"model.decoder.vocab_size={tok.vocab_size}") in r.stdout + r.stderr
+  assert f"model.image_token_id = {tok.tag_id('<image>')}\n" in r.stdout
+
+
+def test_a_wrong_placeholder_id_on_the_command_line_is_a_one_line_error(folder, tmp_path):
+  r = _main(*_folder_args(folder, tmp_path), "--config.model.image_token_id=128",
+            "--config.data.seq_len=256")
   assert r.returncode != 0 and "config.model.image_token_id: 128" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert len([x for x in r.stderr.splitlines() if "config.model.image_token_id" in x]) == 1
 
 
 def test_export_cli_writes_a_usable_folder(tmp_path):

@@ -1,5 +1,6 @@
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -221,3 +222,61 @@ def test_eval_rows_hold_one_sample_each():
   cfg, spec = _spec(**{"data.seq_len": 160, "data.images_per_sample": 2})
   batch = next(pipeline.eval_iterator(cfg.data, spec, global_batch=4))
   assert (batch["segment_ids"].max(1) == 1).all()
+
+
+def _eval_pass(cfg, spec, global_batch, **kw):
+  return list(pipeline.eval_iterator(cfg.data, spec, global_batch=global_batch, **kw))
+
+
+@pytest.mark.parametrize("num_eval, batches", [(200, 7), (5, 1), (64, 2)])
+def test_eval_pass_scores_every_record_in_full_batches(num_eval, batches):
+  cfg, spec = _spec(**{"data.num_eval": num_eval})
+  got = _eval_pass(cfg, spec, 32)
+  assert len(got) == batches
+  assert sum(int(b["row_valid"].sum()) for b in got) == num_eval
+  shapes = {**pipeline.batch_shapes(spec, 32), "kind": ((32, 1), np.int32),
+            "row_valid": ((32,), np.bool_)}
+  for b in got:  # one compile: every batch, the padded last one too, has a full one's shapes
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == shapes
+  # Padding rows (after the real ones) count toward nothing: no loss, media or kind.
+  last, real = got[-1], num_eval - 32 * (batches - 1)
+  assert last["row_valid"][:real].all() and not last["row_valid"][real:].any()
+  assert last["loss_mask"][:real].any(1).all() and not last["loss_mask"][real:].any()
+  assert not last["image_valid"][real * spec.images_per_sample:].any()
+  assert (last["kind"][real:] == -1).all() and (last["kind"][:real] >= 0).all()
+
+
+def test_eval_batches_caps_the_pass():
+  cfg, spec = _spec(**{"data.num_eval": 200})
+  assert len(_eval_pass(cfg, spec, 32, max_batches=2)) == 2
+  assert len(_eval_pass(cfg, spec, 32, max_batches=50)) == 7
+
+
+def test_eval_steps_cover_the_largest_process_share():
+  assert pipeline.eval_steps(200, 32, 1) == 7
+  assert pipeline.eval_steps(192, 32, 1) == 6
+  assert pipeline.eval_steps(5, 32, 1) == 1
+  assert pipeline.eval_steps(201, 32, 2) == 7  # shares of 101 and 100, 16 rows a process
+  assert pipeline.eval_steps(33, 32, 4) == 2  # shares of 9, 8, 8, 8 in rows of 8
+  assert pipeline.eval_steps(3, 32, 4) == 1  # a process with no record still takes part
+
+
+@pytest.mark.parametrize("num_eval, bad_every", [(201, 0), (3, 0), (90, 4)])
+def test_every_process_runs_the_same_eval_steps(monkeypatch, num_eval, bad_every):
+  """2 processes (jax.process_* faked): equal step counts, each record scored once, even
+  where skipped records shorten one process's share."""
+  if bad_every:
+    _with_bad_samples(monkeypatch, every=bad_every)
+  cfg, spec = _spec(**{"data.num_eval": num_eval, "data.max_skip_fraction": 0.6})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  passes, scored = [], 0
+  for pi in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda pi=pi: pi)
+    passes.append(_eval_pass(cfg, spec, 32))
+    scored += sum(int(b["row_valid"].sum()) for b in passes[-1])
+  assert len(passes[0]) == len(passes[1]) == pipeline.eval_steps(num_eval, 32, 2)
+  assert all(len(b["tokens"]) == 16 for p in passes for b in p)
+  good = num_eval - (len(range(0, num_eval, bad_every)) if bad_every else 0)
+  assert scored == good
+  if bad_every:  # process 0 lost every 4th record (all even): it ends on a padding batch
+    assert [int(b["row_valid"].sum()) for b in passes[0]] == [16, 6, 0]

@@ -5,6 +5,8 @@ max|ours - ref| <= 1e-4 * max|ref|, at "highest" matmul precision.
 
 from __future__ import annotations
 
+import math
+
 import hf_models
 import jax
 import numpy as np
@@ -84,7 +86,16 @@ def test_audio_mapping_rejects_trained_positions(whisper):
 
 
 def test_sinusoids_match_transformers_at_full_size():
-  ref = transformers.models.whisper.modeling_whisper.sinusoids(1500, 1280).numpy()
+  """transformers' `sinusoids` formula in float32 torch, with its float32 exp correctly
+  rounded: torch's own float32 exp is not (1 ulp apart on AVX-512 CPUs), and at angles of
+  ~1500 rad one ulp of the timescale moves sin by ~1e-4, so its raw output differs by CPU.
+  Real checkpoints carry the table (`embed_positions.weight`), which the importer copies."""
+  import torch
+
+  inc = math.log(10000) / (1280 // 2 - 1)
+  inv = torch.exp((-inc * torch.arange(640)).double()).float()  # the exp, correctly rounded
+  angles = torch.arange(1500).view(-1, 1) * inv.view(1, -1)
+  ref = torch.cat([angles.sin(), angles.cos()], dim=1).numpy()
   np.testing.assert_allclose(sinusoids(1500, 1280), ref, rtol=0, atol=4e-5)
 
 

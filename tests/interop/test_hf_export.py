@@ -29,6 +29,7 @@ from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop import safetensors_io as sio
 from mm_jax.train import loop
 from mm_jax.train import state as state_lib
+from mm_jax.train import workdir as workdir_lib
 from mm_jax.train.checkpoint import Checkpointer
 
 TOL = 1e-5
@@ -57,10 +58,10 @@ def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path):
     np.testing.assert_array_equal(np.asarray(var.get_value()), want[path])
 
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
-  loop.write_config(cfg, workdir)
+  workdir_lib.write_config(cfg, workdir)
   data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-  ckpt.save(3, state, data, force=True)
+  ckpt.save(3, state, data)
   ckpt.close()
   hf.main(["export", f"--workdir={workdir}", f"--out={out}", "--max_shard_gb=0.0001"])
 
@@ -125,7 +126,7 @@ def test_export_grows_the_table_for_a_sentinel_image_token(tmp_path):
 
 def test_export_refuses_what_llava_cannot_express(tmp_path, tiny):
   cfg = tiny(**{"model.projector.kind": "linear"})
-  loop.write_config(cfg, str(tmp_path))
+  workdir_lib.write_config(cfg, str(tmp_path))
   with pytest.raises(ConfigError, match="config.model.projector.kind: 'linear'"):
     hf.export(str(tmp_path), str(tmp_path / "out"))
 

@@ -33,7 +33,7 @@ from mm_jax.models import lora
 from mm_jax.models.decoder import Decoder
 from mm_jax.models.layers import Dense
 from mm_jax.models.multimodal import MultimodalModel
-from mm_jax.train import loop
+from mm_jax.train import workdir as workdir_lib
 
 peft = pytest.importorskip("peft")
 
@@ -77,7 +77,7 @@ def test_cli_exports_merged_weights_and_peft_adapters_of_a_lora_run(tmp_path, mo
 
   # The CLI around restore_model is under test, not LoRA checkpoints: stand the restore in.
   workdir, out, adapters = (str(tmp_path / d) for d in ("run", "out", "peft"))
-  loop.write_config(cfg, workdir)
+  workdir_lib.write_config(cfg, workdir)
   monkeypatch.setattr(hf, "restore_model", lambda c, w, step=None: (model, 1))
   hf.main(["export", f"--workdir={workdir}", f"--out={out}", f"--peft_out={adapters}"])
 
@@ -155,7 +155,7 @@ def test_export_refuses_unmerged_adapters(tmp_path, tiny):
     ([], r"error: export needs --out and/or --peft_out"),
 ])
 def test_cli_errors_exit_with_a_message(tmp_path, tiny, capsys, args, message):
-  loop.write_config(tiny(), str(tmp_path))
+  workdir_lib.write_config(tiny(), str(tmp_path))
   with pytest.raises(SystemExit) as e:
     hf.main(["export", f"--workdir={tmp_path}", *args])
   assert e.value.code == 2

@@ -97,7 +97,7 @@ def test_checkpoint_holds_what_trains_and_refuses_another_base(tmp_path):
   record = {"fingerprint": base_lib.fingerprint(state.frozen), "source": base_lib.source(cfg)}
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)
   data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
-  ckpt.save(5, state, data, force=True, base=record)
+  ckpt.save(5, state, data, base=record)
   ckpt.wait()
   restored = state_lib.restore(built, cfg, ckpt, 5)
   weights = state_lib.restore(built, cfg, ckpt, 5, optimizer=False)  # generate's restore

@@ -1,0 +1,1 @@
+"""Launchers for main.py: sweeps, XManager, GKE and local runs."""

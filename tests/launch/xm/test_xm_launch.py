@@ -1,0 +1,140 @@
+"""launch/xm_launch.py through xmanager's own mock: the jobs, accelerators, args and env.
+
+Run in .venv-xm only: .venv-xm/bin/python -m pytest -q --noconftest tests/launch/xm
+"""
+
+import sys
+
+import pytest
+from absl import flags
+from xmanager import xm, xm_local, xm_mock
+from xmanager.xm import utils as xm_utils
+
+from launch import xm_launch
+
+OVERRIDES = ("--config.optim.lr=2e-5", "--noconfig.checkpoint.async_save",
+             "--config.model.modalities=('image', 'video')")
+
+
+def _launch(**kw) -> xm_mock.MockExperiment:
+  args = xm_launch.LaunchArgs(**{"config": "configs/llava.py:7b",
+                                 "workdir": "gs://bucket/run", **kw})
+  experiment = xm_mock.MockExperiment()
+  with experiment:
+    xm_launch.run(experiment, args)
+  return experiment
+
+
+def _argv(job: xm.Job) -> list[str]:
+  return job.args.to_list(xm_utils.ARGV_ESCAPER)  # what Vertex and xm_local pass
+
+
+def test_two_h200_nodes_are_one_job_group():
+  experiment = _launch(accelerator="h200x8", nodes=2, overrides=OVERRIDES,
+                       main_flags=("--distributed_timeout_s=600",))
+  assert experiment.work_unit_count == 1
+  chief, workers = experiment.launched_jobs
+  assert (chief.name, workers.name) == ("chief", "workers")
+  for job, replicas in ((chief, 1), (workers, 1)):
+    assert isinstance(job.executor, xm_local.Vertex)
+    req = job.executor.requirements
+    assert req.accelerator == xm.ResourceType.H200
+    assert req.task_requirements[xm.ResourceType.H200] == 8
+    assert req.replicas == replicas
+    assert _argv(job) == ["--config=configs/llava.py:7b", "--workdir=gs://bucket/run",
+                          *OVERRIDES, "--distributed_timeout_s=600"]
+    assert job.env_vars == {"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_PORT": "8476"}
+
+
+def test_four_nodes_are_a_chief_and_three_workers():
+  chief, workers = _launch(accelerator="a100x8", nodes=4).launched_jobs
+  assert (chief.executor.requirements.replicas, workers.executor.requirements.replicas) == (1, 3)
+  assert chief.executor.requirements.accelerator == xm.ResourceType.A100
+  assert workers.env_vars["JAX_NUM_PROCESSES"] == "4"
+
+
+def test_one_tpu_v5p_128_slice():
+  experiment = _launch(accelerator="v5p-128", overrides=OVERRIDES[:1])
+  [job] = experiment.launched_jobs
+  req = job.executor.requirements
+  assert req.accelerator == xm.ResourceType.TPU_V5P
+  assert req.topology == xm.Topology("4x4x4")
+  assert req.task_requirements[xm.ResourceType.TPU_V5P] == 64  # 128 TensorCores
+  assert req.replicas == 1 and job.env_vars == {}
+  assert _argv(job) == ["--config=configs/llava.py:7b", "--workdir=gs://bucket/run",
+                        "--config.optim.lr=2e-5"]
+
+
+@pytest.mark.parametrize("name,resource,topology", [
+    ("v5e-16", xm.ResourceType.TPU_V5E, "4x4"), ("v6e-256", xm.ResourceType.TPU_V6E, "16x16"),
+    ("v5p-8", xm.ResourceType.TPU_V5P, "2x2x1")])
+def test_tpu_topologies(name, resource, topology):
+  accel = xm_launch.parse_accelerator(name)
+  assert (accel.resource, accel.topology) == (resource, topology)
+
+
+def test_sweep_is_one_work_unit_per_trial():
+  experiment = _launch(config="configs/llava.py:7b,stage=finetune", accelerator="h100x8",
+                       sweep=True, overrides=("--config.train.steps=10",))
+  assert experiment.work_unit_count == 3
+  lrs = ["1e-05", "2e-05", "4e-05"]
+  assert experiment.launched_jobs_args == [{"main": {"args": {"config.optim.lr": lr}}}
+                                           for lr in lrs]
+  for i, (job, lr) in enumerate(zip(experiment.launched_jobs, lrs, strict=True), 1):
+    assert job.executor.requirements.task_requirements[xm.ResourceType.H100] == 8
+    assert _argv(job) == ["--config=configs/llava.py:7b,stage=finetune",
+                          f"--workdir=gs://bucket/run/{i}", "--config.train.steps=10",
+                          f"--config.optim.lr={lr}"]
+
+
+def test_trial_values_keep_config_flags_spelling():
+  group = xm.JobGroup(main=xm.Job(xm_mock.MockExecutable(), xm_mock.MockExecutor(),
+                                  args=["--config=c"]))
+  unit_args = {"main": {"args": {"config.eval.generate": xm_launch.sweep_lib.flag_value(False),
+                                 "config.optim.freeze": xm_launch.sweep_lib.flag_value(())}}}
+  experiment = xm_mock.MockExperiment()
+  with experiment:
+    experiment.add(group, args=unit_args)
+  assert _argv(experiment.launched_jobs[0]) == ["--config=c", "--noconfig.eval.generate",
+                                                     "--config.optim.freeze=()"]
+
+
+def test_local_platform():
+  [job] = _launch(accelerator="h200x8", platform="local").launched_jobs
+  assert isinstance(job.executor, xm_local.Local)
+  assert job.executor.requirements.task_requirements[xm.ResourceType.LOCAL_GPU] == 8
+
+
+def test_flags_keep_overrides_verbatim_and_check_them(monkeypatch):
+  argv = ["xm_launch.py", "--config=configs/llava.py:7b", "--workdir=gs://b/r",
+          "--accelerator=h200x8", "--nodes=2", *OVERRIDES, "--sweep", "--", "--mode=eval"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags finds the overrides there
+  fv = flags.FlagValues()
+  xm_launch.define_flags(fv)
+  rest = fv(argv)
+  args = xm_launch.args_from_flags(fv, argv, rest[1:])
+  assert args == xm_launch.LaunchArgs(
+      config="configs/llava.py:7b", workdir="gs://b/r", accelerator="h200x8", nodes=2,
+      sweep=True, overrides=OVERRIDES, main_flags=("--mode=eval",))
+  assert fv.config.model.modalities == ("image", "video")
+  bad = [*argv[:5], "--config.optim.learning_rate=1"]
+  monkeypatch.setattr(sys, "argv", bad)
+  fv = flags.FlagValues()
+  xm_launch.define_flags(fv)
+  with pytest.raises(AttributeError, match="learning_rate"):  # as main.py would, but here
+    fv(bad)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="v5p: 50 chips has no standard topology"):
+    xm_launch.parse_accelerator("v5p-100")
+  with pytest.raises(ValueError, match="want <gpu>x<count>"):
+    xm_launch.parse_accelerator("h300x8")
+  for kw in ({"accelerator": "v5p-128", "nodes": 2},
+             {"accelerator": "h200x8", "nodes": 2, "platform": "local"}):
+    with pytest.raises(ValueError, match="multi-node"):
+      _launch(**kw)
+  with pytest.raises(ValueError, match="also given on the command line"):
+    _launch(accelerator="h200x8", sweep=True, overrides=("--config.optim.lr=1e-4",))
+  with pytest.raises(Exception, match="maps only TPU v2/v3"):
+    xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "v5e-16"))

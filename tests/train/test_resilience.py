@@ -1,0 +1,219 @@
+"""Faults inside one process: corrupt checkpoints, non-finite steps, changed configs, bad
+workdirs, a save that fails. Each asserts the one-line message and what is left on disk."""
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from mm_jax import sharding
+from mm_jax.config import ConfigError
+from mm_jax.data import pipeline
+from mm_jax.faults import CheckpointError, Diverged
+from mm_jax.train import loop, recovery
+from mm_jax.train import state as state_lib
+from mm_jax.train.checkpoint import QUARANTINE, Checkpointer
+
+FAST = {"train.batch_size": 8, "train.log_every": 1, "checkpoint.every": 5,
+        "checkpoint.keep": 5, "data.num_train": 96, "data.num_eval": 16,
+        "eval.generate": False}
+
+
+def _cfg(**overrides):
+  return tiny_config(**{**FAST, **overrides})
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 10-step run with checkpoints at 5 and 10."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  loop.train(_cfg(**{"train.steps": 10}), workdir)
+  return workdir
+
+
+def _largest_array_file(workdir, step):
+  files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"),
+                    recursive=True)
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x40
+  open(path, "wb").write(data)
+
+
+def _truncate(path):
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[: len(data) // 2])
+
+
+def _metadata_only(workdir, step):
+  folder = os.path.join(workdir, "checkpoints", str(step))
+  for name in os.listdir(folder):
+    if name != "_CHECKPOINT_METADATA":
+      path = os.path.join(folder, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+CORRUPTIONS = {
+    "flipped_byte": lambda w: _flip(_largest_array_file(w, 10)),
+    "truncated_file": lambda w: _truncate(_largest_array_file(w, 10)),
+    "deleted_file": lambda w: os.remove(_largest_array_file(w, 10)),
+    "metadata_only": lambda w: _metadata_only(w, 10),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(fault, trained, tmp_path,
+                                                                capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  CORRUPTIONS[fault](workdir)
+  cfg = _cfg(**{"train.steps": 10})
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(cfg, mesh)
+  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+  with jax.set_mesh(mesh):
+    state, step = recovery.restore_latest(built, cfg, ckpt, workdir, data)
+  ckpt.close()
+  assert step == 5 and int(state.step) == 5
+  lines = [line for line in capsys.readouterr().out.splitlines() if "unusable" in line]
+  assert len(lines) == 1 and lines[0].startswith("checkpoint step 10 is unusable: ")
+  if fault != "metadata_only":  # the array is named
+    assert "array params/" in lines[0] or "array opt_state/" in lines[0], lines[0]
+  assert os.listdir(os.path.join(workdir, QUARANTINE)) == ["10"]  # kept, not deleted
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["5"]
+
+
+def test_a_flipped_byte_resumes_from_the_previous_checkpoint_to_the_same_loss(trained,
+                                                                             tmp_path):
+  straight = _records(trained)
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  CORRUPTIONS["flipped_byte"](workdir)
+  result = loop.train(_cfg(**{"train.steps": 10}), workdir)  # redoes steps 6-10
+  np.testing.assert_allclose(result["loss"], straight[9]["loss"], rtol=1e-6)
+  steps = [r["step"] for r in _records(workdir) if "loss" in r]
+  assert steps == list(range(1, 11))  # the replayed steps once each
+
+
+def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  for step in (5, 10):
+    _flip(_largest_array_file(workdir, step))
+  with pytest.raises(CheckpointError, match="no checkpoint in .* verifies"):
+    loop.train(_cfg(**{"train.steps": 10}), workdir)
+  with pytest.raises(CheckpointError, match="remove .*checkpoints_unusable to train"):
+    loop.train(_cfg(**{"train.steps": 10}), workdir)  # and again: never from scratch
+
+
+def test_a_changed_model_is_refused_naming_the_parameter_and_the_key(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  with pytest.raises(ConfigError) as e:
+    loop.train(_cfg(**{"train.steps": 10, "model.decoder.mlp_dim": 384}), workdir)
+  message = str(e.value)
+  assert "\n" not in message
+  assert "resume from step 10" in message and "in the checkpoint" in message and "now" in message
+  assert "config.model.decoder.mlp_dim: 256 -> 384" in message
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]  # untouched
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+  real, calls = pipeline.global_batch, [0]
+
+  def poisoned(local, shardings):
+    calls[0] += 1
+    if calls[0] in (3, 4):  # steps 3 and 4 see NaN pixels: NaN loss and gradients
+      local = {**local, "images": np.full_like(local["images"], np.nan)}
+    return real(local, shardings)
+
+  monkeypatch.setattr(pipeline, "global_batch", poisoned)
+  workdir = str(tmp_path)
+  loop.train(_cfg(**{"train.steps": 6, "checkpoint.every": 2}), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    text = f.read()
+  assert "NaN" not in text
+  records = [json.loads(line) for line in text.splitlines()]
+  by_step = {r["step"]: r for r in records if "loss" in r}
+  assert by_step[3]["loss"] is None and by_step[4]["loss"] is None  # null, valid JSON
+  assert by_step[6]["train/skipped_nonfinite"] == 2 and np.isfinite(by_step[6]["loss"])
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), _cfg().checkpoint)
+  arrays = [ckpt._read_json(s, "integrity")["arrays"] for s in (2, 4)]
+  ckpt.close()
+  # Steps 3 and 4 applied no update: the state at 4 is the state at 2, bit for bit.
+  for name in arrays[0]:
+    if name.startswith(("params/", "opt_state/1/0/")) and not name.endswith("count"):
+      assert arrays[0][name]["digest"] == arrays[1][name]["digest"], name
+
+
+def test_divergence_stops_after_the_cap_and_writes_no_nonfinite_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  cfg = _cfg(**{"train.steps": 40, "checkpoint.every": 2, "optim.lr": 1e30,
+                "train.max_nonfinite_steps": 3})
+  with pytest.raises(Diverged, match="3 non-finite steps in a row") as e:
+    loop.train(cfg, workdir)
+  assert "\n" not in str(e.value)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+  for step in ckpt.all_steps():
+    record = ckpt._read_json(step, "integrity")
+    assert all(a["finite"] for a in record["arrays"].values()), step
+  ckpt.close()
+  with open(os.path.join(workdir, "goodput.jsonl")) as f:
+    assert json.loads(f.readlines()[-1])["status"] == "diverged"
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("x")
+  with pytest.raises(ConfigError, match=r"exists and is not a directory"):
+    loop.train(_cfg(), str(path))
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+  with pytest.raises(ConfigError, match=r"not writable"):
+    loop.train(_cfg(), "/proc/mm_jax_run")  # /proc refuses new entries, also to root
+
+
+def test_sigint_and_sigterm_set_the_stop_flag_and_a_second_is_ignored():
+  import signal
+
+  from mm_jax.train import stopping
+
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    with stopping.StopSignals() as signals:
+      os.kill(os.getpid(), sig)  # no KeyboardInterrupt, no exit
+      os.kill(os.getpid(), signal.SIGTERM)  # a second: reported, ignored
+      assert signals.received == signal.Signals(sig).name
+      assert signals.rows(3).tolist() == [True, True, True]
+    # restored (a background job starts with SIGINT ignored, so compare with what was there)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_failure_while_a_committed_save_is_unconfirmed_names_the_failed_step(tmp_path):
+  """The race CI found: step 3 committed but not yet confirmed when step 6's save fails;
+  orbax raises once for both. The failed step is the oldest one not on disk, and the one on
+  disk is named as intact."""
+  from mm_jax.config import CheckpointConfig
+
+  os.makedirs(tmp_path / "3" / "state")
+  ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
+  ckpt._pending = [3, 6]
+  error = str(ckpt._save_failed(3, OSError("No space left on device")))
+  assert error.startswith("checkpoint step 6 failed to save (No space left on device)"), error
+  assert error.endswith(f"newest intact checkpoint: step 3 in {tmp_path}"), error
+  ckpt.close()
