@@ -3,9 +3,11 @@ r"""Hugging Face in and out: sharded models from HF folders or checkpoints, and 
   python -m mm_jax.interop.hf export --workdir=/tmp/tiny --out=/tmp/tiny_hf [--step=N]
       [--dtype=bfloat16] [--max_shard_gb=2] [--peft_out=/tmp/tiny_peft]
 
-writes a LlavaForConditionalGeneration folder (hf_export.py) from the run's config.json
-and its latest (or N-th) orbax checkpoint; `transformers.LlavaForConditionalGeneration.
-from_pretrained(out)` loads it. A LoRA run (config.lora.rank > 0) exports merged weights
+writes a LlavaForConditionalGeneration folder (an image model) or a
+LlavaNextVideoForConditionalGeneration folder (a video model), hf_export.py, from the run's
+config.json and its latest (or N-th) orbax checkpoint, with the tokenizer, the run's chat
+template and its generation config; that class's `from_pretrained(out)` loads it with no
+missing keys. A LoRA run (config.lora.rank > 0) exports merged weights
 (adapters folded into the base kernels by `lora.merge`). `--peft_out=P` (with or without
 --out) writes the adapters alone as a PEFT folder (peft_export.py), which
 `peft.PeftModel.from_pretrained(base, P)` loads over the LLaVA the run started from.
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m mm_jax.interop.hf",
                                    description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("export", help="checkpoint -> LlavaForConditionalGeneration folder "
-                     "and/or PEFT adapters")
+  p = sub.add_parser("export", help="checkpoint -> LlavaForConditionalGeneration / "
+                     "LlavaNextVideoForConditionalGeneration folder and/or PEFT adapters")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", default="", help="LLaVA folder (a LoRA run's adapters merged)")
   p.add_argument("--peft_out", default="",

@@ -195,8 +195,10 @@ VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
 def grown_vocab(cfg: ModelConfig) -> int:
-  """V' = max(V, image_token_id + 1): the rows an exported table has."""
-  return max(cfg.decoder.vocab_size, cfg.image_token_id + 1)
+  """V' = max(V, image_token_id + 1, video_token_id + 1 for a video model): the rows an
+  exported table has."""
+  ids = [cfg.image_token_id] + ([cfg.video_token_id] if "video" in cfg.modalities else [])
+  return max(cfg.decoder.vocab_size, *(i + 1 for i in ids))
 
 
 # ----------------------------------------------------------------------------- state dicts

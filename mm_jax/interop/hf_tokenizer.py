@@ -31,18 +31,29 @@ def _save_json(path: str, obj: dict) -> None:
     json.dump(obj, f, indent=2)
 
 
-def write_word_level(tok: text.WordTokenizer, image_token_id: int, out: str,
+def placeholders(cfg: Config) -> dict[str, int]:
+  """{tag: id} of the model's placeholders an exported tokenizer maps: `<image>` (the HF
+  classes always have it) and `<video>` for a video model."""
+  m = cfg.model
+  tags = {IMAGE_TOKEN: m.image_token_id}
+  if "video" in m.modalities:
+    tags[text.VIDEO_TAG] = m.video_token_id
+  return tags
+
+
+def write_word_level(tok: text.WordTokenizer, tags: dict[str, int], out: str,
                      max_length: int) -> dict[str, int | None]:
   """WordTokenizer -> tokenizer.json (WordLevel, WhitespaceSplit) + tokenizer_config.json."""
   from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
   vocab = {w: i for i, w in enumerate(tok.vocab)}
-  vocab.setdefault(IMAGE_TOKEN, image_token_id)  # ids may have gaps: the sentinel id is kept
+  for tag, i in tags.items():
+    vocab.setdefault(tag, i)  # ids may have gaps: a sentinel id is kept
   hf = Tokenizer(models.WordLevel(vocab, unk_token=tok.vocab[tok.unk_id]))
   hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   specials = [tok.vocab[i] for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id)]
   hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                         for t in (*specials, IMAGE_TOKEN)])
+                         for t in (*specials, *tags)])
   hf.save(os.path.join(out, "tokenizer.json"))
   pad, bos, eos, unk = specials
   _save_json(os.path.join(out, "tokenizer_config.json"), dict(
@@ -51,19 +62,21 @@ def write_word_level(tok: text.WordTokenizer, image_token_id: int, out: str,
   return _special_ids(tok.bos_id, tok.eos_id, tok.pad_id)
 
 
-def _add_image_token(path: str, image_token_id: int) -> None:
-  """Appends `<image>` to a tokenizer.json whose next free id is the image token id."""
+def _add_tags(path: str, tags: dict[str, int]) -> None:
+  """Appends each placeholder tag, in id order, to a tokenizer.json whose next free id is
+  that tag's id (a tokenizer that already has the tag keeps it)."""
   from tokenizers import AddedToken, Tokenizer
 
   hf = Tokenizer.from_file(path)
-  if hf.token_to_id(IMAGE_TOKEN) is not None:
-    return
-  next_id = max(hf.get_vocab(with_added_tokens=True).values()) + 1
-  if next_id != image_token_id:
-    logging.warning("export: %s lacks %s and its next id %d is not image_token_id %d; "
-                    "left without it", path, IMAGE_TOKEN, next_id, image_token_id)
-    return
-  hf.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+  for tag, i in sorted(tags.items(), key=lambda kv: kv[1]):
+    if hf.token_to_id(tag) is not None:
+      continue
+    next_id = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+    if next_id != i:
+      logging.warning("export: %s lacks %s and its next id %d is not its placeholder id %d; "
+                      "left without it", path, tag, next_id, i)
+      continue
+    hf.add_special_tokens([AddedToken(tag, special=True, normalized=False)])
   hf.save(path)
 
 
@@ -97,14 +110,14 @@ def _piece(out: str, i: int | None) -> str | None:
                                     ).id_to_piece(i)
 
 
-def copy_tokenizer(path: str, image_token_id: int, out: str) -> dict[str, int | None]:
+def copy_tokenizer(path: str, tags: dict[str, int], out: str) -> dict[str, int | None]:
   """Copies the tokenizer (file or folder) and its companion configs into `out`."""
   files = _files(path)
   for name, src in files.items():
     shutil.copyfile(src, os.path.join(out, name))
   tok = text.load_tokenizer(path)
   if "tokenizer.json" in files:
-    _add_image_token(os.path.join(out, "tokenizer.json"), image_token_id)
+    _add_tags(os.path.join(out, "tokenizer.json"), tags)
   if "tokenizer_config.json" not in files:
     fast = "tokenizer.json" in files
     _save_json(os.path.join(out, "tokenizer_config.json"), dict(
@@ -116,8 +129,8 @@ def copy_tokenizer(path: str, image_token_id: int, out: str) -> dict[str, int | 
 def write(cfg: Config, out: str) -> dict[str, int | None]:
   """The run's tokenizer files in `out`; returns bos/eos/pad token ids (for the configs)."""
   if cfg.data.source == "synthetic":
-    return write_word_level(pipeline.synthetic_tokenizer(), cfg.model.image_token_id, out,
+    return write_word_level(pipeline.synthetic_tokenizer(), placeholders(cfg), out,
                             cfg.data.seq_len)
   if cfg.data.tokenizer:
-    return copy_tokenizer(cfg.data.tokenizer, cfg.model.image_token_id, out)
+    return copy_tokenizer(cfg.data.tokenizer, placeholders(cfg), out)
   return _special_ids(None, None, None)

@@ -119,3 +119,11 @@ def config_like(model: ModelConfig, **overrides) -> Config:
 def save_hf(model, folder, **kw) -> str:
   model.save_pretrained(str(folder), safe_serialization=True, **kw)
   return str(folder)
+
+
+def strict_load(cls, folder):
+  """`cls.from_pretrained(folder)`, failing on any key it did not load exactly."""
+  model, info = cls.from_pretrained(folder, output_loading_info=True)
+  for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+    assert not info.get(kind), (kind, info[kind])
+  return model.float().eval()

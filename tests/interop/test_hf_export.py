@@ -16,6 +16,7 @@ from hf_models import (
   llava_hf,
   save_hf,
   state_dict,
+  strict_load,
   torch,
   transformers,
 )
@@ -66,7 +67,7 @@ def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path):
   hf.main(["export", f"--workdir={workdir}", f"--out={out}", "--max_shard_gb=0.0001"])
 
   assert os.path.isfile(os.path.join(out, sio.INDEX))
-  exported = transformers.LlavaForConditionalGeneration.from_pretrained(out).float().eval()
+  exported = strict_load(transformers.LlavaForConditionalGeneration, out)
   tokens, pixels, _ = llava_batch("two_one", cfg.model.vision.tokens_per_image)
   assert_close(hf_logits(exported, tokens, pixels), hf_logits(ref, tokens, pixels),
                "exported llava logits", TOL)
@@ -87,7 +88,7 @@ def test_export_grows_the_table_for_a_sentinel_image_token(tmp_path):
                                       image_token=vocab)
   with jax.default_matmul_precision("highest"):
     ours = jax.device_get(nnx.jit(lambda m, b: m(b))(model, batch))
-  exported = transformers.LlavaForConditionalGeneration.from_pretrained(out).float().eval()
+  exported = strict_load(transformers.LlavaForConditionalGeneration, out)
   assert exported.config.text_config.vocab_size == vocab + 1
   theirs = hf_logits(exported, tokens, pixels)
   assert_close(theirs[..., :vocab], ours, "logits over the first V ids", 1e-4)
