@@ -2,10 +2,11 @@
 LlavaNextVideoForConditionalGeneration one for a video model (LLaMA or Phi text_config,
 after config.model.decoder.family); `export_kind` says which, or why neither.
 
-Writes config.json, generation_config.json and chat_template.jinja (hf_chat.py), safetensors shards (+ index), the tokenizer
-(tokenizer.json / tokenizer.model / tokenizer_config.json / special_tokens_map.json) and
-preprocessor_config.json / processor_config.json, so that transformers' `from_pretrained`
-and `AutoProcessor` load it. Weights use the published llava-hf key layout
+Writes config.json, generation_config.json and chat_template.jinja (hf_chat.py),
+safetensors shards (+ index), the tokenizer (tokenizer.json / tokenizer.model /
+tokenizer_config.json / special_tokens_map.json) and preprocessor_config.json /
+processor_config.json (+ video_preprocessor_config.json), so that transformers'
+`from_pretrained` and `AutoProcessor` load it. Weights use the published llava-hf key layout
 (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.weight`),
 which transformers 4.4x and 5.x both load.
 
