@@ -37,11 +37,25 @@ def test_train_then_eval_writes_what_a_user_expects(tmp_path):
   assert os.listdir(os.path.join(w, "tensorboard"))
   assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["6", "12"]
 
-  r = _main("--mode=eval", *args)
+  # Only --config and --workdir: the run's own config.json (batch 8, 16 eval records).
+  r = _main("--mode=eval", "--config=configs/llava.py:tiny", f"--workdir={w}")
   assert r.returncode == 0, r.stderr[-3000:]
+  assert f"--mode=eval uses {w}/config.json (the run's config); overrides: none" in r.stdout
   result = json.load(open(os.path.join(w, "eval_12.json")))
   assert result["step"] == 12 and 0.0 <= result["eval/accuracy"] <= 1.0
   assert 0.0 <= result["eval/vqa_accuracy"] <= 1.0
+  assert result["eval/samples"] == 16
+  # A shape-changing override is refused in one line naming the key; another preset's
+  # file is no matter (its keys were not given).
+  r = _main("--mode=eval", "--config=configs/llava.py:tiny", f"--workdir={w}",
+            "--config.model.decoder.width=64")
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "config error: config.model.decoder.width: 64 on the command line, 128 in "), r.stderr
+  r = _main("--mode=eval", "--config=configs/mimo.py:tiny", f"--workdir={w}",
+            "--config.train.eval_batches=1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "overrides: train.eval_batches=1" in r.stdout
 
   image = shape_png(tmp_path)
   r = _main("--mode=generate", *args, f"--image={image}", "--prompt=What shape is it?")
