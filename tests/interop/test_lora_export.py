@@ -16,6 +16,7 @@ from hf_models import (
   llava_hf,
   save_hf,
   state_dict,
+  strict_load,
   torch,
   transformers,
 )
@@ -81,7 +82,7 @@ def test_cli_exports_merged_weights_and_peft_adapters_of_a_lora_run(tmp_path, mo
   monkeypatch.setattr(hf, "restore_model", lambda c, w, step=None: (model, 1))
   hf.main(["export", f"--workdir={workdir}", f"--out={out}", f"--peft_out={adapters}"])
 
-  merged = transformers.LlavaForConditionalGeneration.from_pretrained(out).float().eval()
+  merged = strict_load(transformers.LlavaForConditionalGeneration, out)
   assert_close(hf_logits(merged, tokens, pixels), ours, "merged export logits", TOL)
 
   base = transformers.LlavaForConditionalGeneration.from_pretrained(folder).float().eval()

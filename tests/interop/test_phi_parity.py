@@ -150,7 +150,7 @@ def test_llava_phi_folder_imports_and_exports_to_the_same_logits(tmp_path):
   model = hf.load_model(cfg, sharding.make_mesh(cfg.mesh))
   out = str(tmp_path / "out")
   hf_export.export_model(model, cfg, out)
-  exported = transformers.LlavaForConditionalGeneration.from_pretrained(out).float().eval()
+  exported = hf_models.strict_load(transformers.LlavaForConditionalGeneration, out)
   text = exported.config.text_config
   assert text.model_type == "phi" and text.rope_parameters["partial_rotary_factor"] == 0.4
   tokens, pixels, _ = llava_batch("two_one", cfg.model.vision.tokens_per_image)

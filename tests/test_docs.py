@@ -1,0 +1,51 @@
+"""Every `python main.py` command in docs/*.md parses against the real config: its
+--config file and preset exist and every --config.* key is one (typos fail here, not for
+the user). docs/launch.md's commands have their own, stronger test (tests/launch)."""
+
+import pathlib
+import re
+import shlex
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mm_jax import config as config_lib
+
+DOCS = pathlib.Path(__file__).parents[1] / "docs"
+
+
+def _commands() -> list[tuple[str, str]]:
+  out = []
+  for page in sorted(DOCS.glob("*.md")):
+    text = page.read_text().replace("\\\n", " ")
+    for line in re.findall(r"`(python main\.py [^`]+)`", text) + [
+        x for b in re.findall(r"```\n(.*?)```", text, flags=re.S) for x in b.splitlines()
+        if x.startswith("python main.py")]:
+      out.append((page.name, line))
+  return out
+
+
+COMMANDS = _commands()
+
+
+def test_the_hf_page_has_a_command_per_starting_point():
+  hf = " ".join(c for page, c in COMMANDS if page == "hf.md")
+  for key in ("llava_from_hf", "vision_from_hf", "decoder_from_hf", "audio_from_hf",
+              "data.tokenizer", "--mode=eval", "--print_config"):
+    assert key in hf, key
+
+
+@pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{i}" for i, (p, _) in
+                                                        enumerate(COMMANDS)])
+def test_a_documented_command_parses(page, command):
+  argv = [a for a in shlex.split(command)[2:] if re.match(r"--(no)?config(\.|=)", a)]
+  assert argv and argv[0].startswith("--config="), command
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                  sys_argv=["main.py", *argv])
+  fv(["main.py", *argv])
+  values = config_lib.fill_defaults(fv.config.to_dict())
+  if any(values["init"].values()) and not values["data"]["tokenizer"]:
+    values["data"]["tokenizer"] = "/models/tokenizer.json"  # what the folder would supply
+  config_lib.from_config_dict(values)
