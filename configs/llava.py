@@ -141,6 +141,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if "lr" in stage and big:  # The tiny model learns from scratch: keep its own lr.
     c.optim.lr = stage["lr"]
   c.train.update(steps=5000, batch_size=128)
+  # The loss takes 512 positions of float32 logits at a time: [16, 2048, 32000] of them
+  # (4 GiB, and as much again for their gradient) never exist (train/losses.py).
+  c.train.loss_chunk = 512 if big else 0
   c.train.update(preset.get("train", {}))
   c.checkpoint.update(preset.get("checkpoint", {}))
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1) if not big else dict(data=1, fsdp=-1, tensor=1))

@@ -150,9 +150,13 @@ class TrainConfig:
   # A step with a non-finite loss or gradient applies no update; this many in a row stop
   # the run (exit 3, mm_jax/faults.py).
   max_nonfinite_steps: int = 10
+  # Sequence positions per cross-entropy chunk (train/losses.py): the loss never holds
+  # float32 [B, T, V] logits, only [B, loss_chunk, V]; 0: the whole sequence at once.
+  loss_chunk: int = 0
 
   def validate(self, key: str) -> None:
     _check(self.steps > 0, f"{key}.steps", "must be positive")
+    _check(self.loss_chunk >= 0, f"{key}.loss_chunk", "must be >= 0 (0: no chunking)")
     _check(self.max_nonfinite_steps > 0, f"{key}.max_nonfinite_steps", "must be positive")
     _check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
     _check(self.log_every > 0, f"{key}.log_every", "must be positive")

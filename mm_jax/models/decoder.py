@@ -11,6 +11,9 @@ merges media rows in, and calls `__call__` on the result (training) or `step` wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -148,23 +151,37 @@ class Decoder(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x float[B, T, D] -> logits float32[B, T, V]."""
+    project, head = self.head()
+    return project(head, self.hidden(x, positions, segment_ids))
+
+  def hidden(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x float[B, T, D] -> the final norm's output float[B, T, D] (what `head` projects)."""
     for layer in self.layers:
       call = remat.wrap(lambda b, *a: b(*a), self.remat)
       with jax.named_scope("decoder_block"):
         x = sharding.constrain(call(layer, x, positions, segment_ids),
                                "act_batch", "act_seq", "act_embed")
-    return self._logits(x)
+    return self.norm(x)
+
+  def head(self) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+    """(project, params): project(params, h float[B, T, D]) -> logits float32[B, T, V], a
+    pure function of its arguments, so a scan or remat body (train/losses.py) can take the
+    vocabulary projection a chunk of positions at a time."""
+    if self.lm_head is None:  # tied to the table (+ Phi's own bias)
+      params = (self.embedding[...], None if self.lm_bias is None else self.lm_bias[...])
+      dtype = self.dtype
+
+      def project(p, h):
+        logits = jnp.einsum("BTD,VD->BTV", h, p[0].astype(dtype))
+        return _vocab_logits(logits if p[1] is None else logits + p[1].astype(dtype))
+      return project, params
+    graphdef, params = nnx.split(self.lm_head)
+    return lambda p, h: _vocab_logits(nnx.merge(graphdef, p)(h)), params
 
   def _logits(self, x: jax.Array) -> jax.Array:
     """Final norm and the vocabulary projection: float[B, T, D] -> float32[B, T, V]."""
-    x = self.norm(x)
-    if self.lm_head is None:
-      logits = jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
-      if self.lm_bias is not None:
-        logits = logits + self.lm_bias[...].astype(self.dtype)
-    else:
-      logits = self.lm_head(x)
-    return sharding.constrain(logits.astype(jnp.float32), "act_batch", "act_seq", "act_vocab")
+    project, head = self.head()
+    return project(head, self.norm(x))
 
   def step(self, x: jax.Array, positions: jax.Array, token_valid: jax.Array, cache: KVCache
            ) -> tuple[jax.Array, KVCache]:
@@ -181,3 +198,7 @@ class Decoder(nnx.Module):
       vs.append(v)
     new = KVCache(tuple(ks), tuple(vs), valid, cache.index + x.shape[1])
     return self._logits(x), new
+
+
+def _vocab_logits(logits: jax.Array) -> jax.Array:
+  return sharding.constrain(logits.astype(jnp.float32), "act_batch", "act_seq", "act_vocab")

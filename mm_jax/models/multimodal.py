@@ -163,7 +163,12 @@ class MultimodalModel(nnx.Module):
                          check_vma=False)(tokens, text, *rows, *valids)
 
   def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """The batch -> logits float32[B, T, V]."""
     return self.decoder(self.embed(batch), batch["positions"], batch["segment_ids"])
+
+  def hidden(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """The batch -> the decoder's final hidden states float[B, T, D] (before its head)."""
+    return self.decoder.hidden(self.embed(batch), batch["positions"], batch["segment_ids"])
 
 
 def resolve_backends(cfg: ModelConfig) -> ModelConfig:

@@ -18,7 +18,8 @@ the abstract train state, so it costs no memory:
   model.remat none keeps L A; full keeps the L block inputs (n t D s) plus one block's A
   while it is recomputed; dots also keeps the weight matmuls' outputs (q, k, v, o, the MLP
   projections: n t (2D + (N + 2K) H + F') s per block, F' = 2F for SwiGLU) plus one A.
-  The decoder (n = rows, t = seq_len) adds float32 logits and their gradient, 8 n t V.
+  The decoder (n = rows, t = seq_len) adds float32 logits and their gradient, 8 n t V,
+  or 8 n c V for chunks of c = train.loss_chunk positions (train/losses.py).
   A tower runs backward only when it trains; its projector when it or its tower trains;
   the decoder always (the loss is behind it). The tower counts all of its blocks.
 - peak estimate: param bytes + grad bytes + opt bytes + act bytes.
@@ -139,9 +140,11 @@ def activation_bytes(cfg: Config, trainable: set[str]) -> dict[str, int]:
   dec = m.decoder
   t = data.seq_len
   ffn = dec.mlp_dim * (2 if dec.mlp == "swiglu" else 1)
+  chunk = min(t, cfg.train.loss_chunk or t)
   if trainable:
     out["decoder"] = (block_bytes(cfg, rows, t, dec.width, dec.heads, dec.kv_heads,
-                                  dec.head_size, ffn, dec.depth) + 8 * rows * t * dec.vocab_size)
+                                  dec.head_size, ffn, dec.depth)
+                      + 8 * rows * chunk * dec.vocab_size)
   return out
 
 

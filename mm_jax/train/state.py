@@ -57,7 +57,7 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
   shardings = sharding.state_shardings(abstract, mesh)
   dropout_seed = cfg.train.seed if cfg.lora.rank and cfg.lora.dropout else None
   fns = StepFns(graphdef, tx, optim.schedule(cfg.optim, cfg.train.steps), cfg.optim.grad_accum,
-                dropout_seed)
+                dropout_seed, cfg.train.loss_chunk)
   return Built(fns, init, abstract, shardings)
 
 

@@ -20,6 +20,7 @@ import optax
 from flax import nnx, struct
 
 from mm_jax.models import lora
+from mm_jax.train import losses
 
 
 @struct.dataclass
@@ -39,18 +40,20 @@ class StepFns:
   schedule: optax.Schedule
   grad_accum: int = 1
   dropout_seed: int | None = None  # None: no dropout anywhere (LoRA dropout is 0)
+  loss_chunk: int = 0  # config.train.loss_chunk
 
 
 def token_losses(fns: StepFns, params, frozen, batch, dropout_key=None
                  ) -> tuple[jax.Array, jax.Array]:
-  """Per-token cross entropy float32[B, T] and logits float32[B, T, V]. With
-  `dropout_key` the LoRA adapters' dropout is on (training); without, it is off."""
+  """Per-token cross entropy float32[B, T] and argmax prediction int32[B, T], the
+  logits taken `fns.loss_chunk` positions at a time (losses.py). With `dropout_key` the
+  LoRA adapters' dropout is on (training); without, it is off."""
   model = nnx.merge(fns.graphdef, params, frozen)
   if dropout_key is not None:
     lora.set_dropout_keys(model, dropout_key)
-  logits = model(batch)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  return ce, logits
+  project, head = model.decoder.head()
+  return losses.cross_entropy(project, head, model.hidden(batch), batch["targets"],
+                              fns.loss_chunk)
 
 
 def _microbatches(batch: dict, n: int) -> dict:
@@ -75,9 +78,9 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, stop: jax.Array | N
     if fns.dropout_seed is not None:  # a pure function of (seed, step, micro-batch)
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(fns.dropout_seed),
                                                   state.step), index)
-    ce, logits = token_losses(fns, params, state.frozen, micro, key)
+    ce, pred = token_losses(fns, params, state.frozen, micro, key)
     m = micro["loss_mask"]
-    correct = ((logits.argmax(-1) == micro["targets"]) & m).sum()
+    correct = ((pred == micro["targets"]) & m).sum()
     # where, not multiply: targets under placeholders may lie outside the vocabulary (NaN ce)
     return jnp.where(m, ce, 0.0).sum() / n_loss, correct
 
@@ -118,9 +121,9 @@ def eval_step(fns: StepFns, state: TrainState, batch: dict) -> dict:
   target; with teacher forcing this is the same event as greedy decoding reproducing
   the answer and its <eos>, so no sampling loop is needed here.
   """
-  ce, logits = token_losses(fns, state.params, state.frozen, batch)
+  ce, pred = token_losses(fns, state.params, state.frozen, batch)
   m = batch["loss_mask"]
-  hit = (logits.argmax(-1) == batch["targets"]) | ~m
+  hit = (pred == batch["targets"]) | ~m
   has_answer = m.any(-1)
   exact = hit.all(-1) & has_answer
   return {"loss_sum": jnp.where(m, ce, 0.0).sum(), "loss_tokens": m.sum(),
