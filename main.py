@@ -36,6 +36,10 @@ except Exception as e:  # noqa: BLE001 - reported in one line
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build abstractly, print parameter counts.")
+_MEMORY_PLAN = flags.DEFINE_bool(
+    "memory_plan", True, "--dry_run: also compile the train step for the mesh and print "
+    "XLA's per-device memory plan (a big preset compiles for a minute; --nomemory_plan "
+    "skips it).")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=generate: the user's question.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=generate: image file(s), in order.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "--mode=generate: video file(s), in order.")
@@ -118,7 +122,7 @@ def main(argv):
     run.main(cd, _WORKDIR.value, _MODE.value, _DRY_RUN.value, prompt=_PROMPT.value,
              images=tuple(_IMAGE.value), videos=tuple(_VIDEO.value),
              audios=tuple(_AUDIO.value), explicit=cli.explicit_keys(sys.argv[1:]),
-             print_config=_PRINT_CONFIG.value)
+             print_config=_PRINT_CONFIG.value, memory_plan=_MEMORY_PLAN.value)
   except (faults.Preempted, faults.Diverged) as e:
     _exit(str(e), e.exit_code)
   except KeyboardInterrupt:  # before training installed its handlers: nothing to save

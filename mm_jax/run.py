@@ -8,20 +8,28 @@ from mm_jax import config as config_lib
 from mm_jax import paths, sharding
 
 
-def dry_run(cfg: config_lib.Config) -> dict[str, int]:
+def dry_run(cfg: config_lib.Config, memory_plan: bool = False) -> dict[str, int]:
   """Builds the model abstractly (no weights allocated) and prints parameter counts, then
-  the memory table (mm_jax/train/memory.py)."""
+  the memory estimate (mm_jax/train/memory.py) and, with `memory_plan`, the compiled train
+  step's per-device plan for the configured mesh (mm_jax/train/plan.py)."""
   from mm_jax.train import memory
   from mm_jax.train import state as state_lib
 
-  built = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(cfg, mesh)
   counts = state_lib.param_counts(built.abstract)
   rows = [(k, v) for k, v in counts.items() if "/" in k or k == "decoder"]
   rows += [("total", counts["total"]), (f"trainable (stage={cfg.stage})", counts["trainable"])]
   for name, n in rows:
     size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
     print(f"{name:32s} {n:>16,d}  ({size})")
-  print("\n".join(memory.format_table(cfg, memory.table(cfg, built.abstract))))
+  print("\n".join(memory.format_table(cfg, memory.table(cfg, built.abstract))), flush=True)
+  if memory_plan:
+    from mm_jax.train import plan as plan_lib
+
+    compiled = plan_lib.compiled_plan(cfg, mesh)
+    print("\n".join(plan_lib.format_plan(cfg, mesh, compiled)))
+    counts = {**counts, "plan_total_bytes": compiled.total, "plan_temp_bytes": compiled.temp}
   return counts
 
 
@@ -117,8 +125,9 @@ def resolve(cd, workdir: str | None = None, mode: str = "train",
 def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
          prompt: str = "", images: tuple[str, ...] = (), videos: tuple[str, ...] = (),
          audios: tuple[str, ...] = (), explicit: tuple[str, ...] = (),
-         print_config: bool = False) -> dict:
-  """explicit: the config keys given on the command line (mm_jax.cli.explicit_keys)."""
+         print_config: bool = False, memory_plan: bool = False) -> dict:
+  """explicit: the config keys given on the command line (mm_jax.cli.explicit_keys);
+  memory_plan: with `dry`, also compile the train step and print XLA's memory plan."""
   if mode != "generate" and not workdir and not (dry or print_config):
     raise config_lib.ConfigError("--workdir: required for --mode=train and --mode=eval "
                                  "(where checkpoints, metrics and config.json live); only "
@@ -130,7 +139,7 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
     print(cli.format_config(cfg), flush=True)
     return {"config": config_lib.to_dict(cfg)}
   if dry:
-    return dry_run(cfg)
+    return dry_run(cfg, memory_plan)
   if mode == "generate":
     from mm_jax.infer import chat
 

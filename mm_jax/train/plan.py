@@ -1,0 +1,74 @@
+"""The compiled train step's per-device memory plan: XLA's memory analysis of the step as
+`loop.train` jits it (same shardings, donated state), compiled from shapes alone.
+
+Unlike `memory.py`'s estimate, these are the compiler's own figures for this backend and
+mesh: argument (the state and batch shards one device holds), output, temp (every
+intermediate, activations and gradients included, at the schedule's peak) and the
+aliased bytes that donation reuses. On CPU, fake devices give a mesh of any size:
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`. XLA's CPU backend schedules and
+rematerialises differently from the GPU and TPU ones, so read a CPU plan as that
+backend's, an upper bound rather than a GPU figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from mm_jax import sharding
+from mm_jax.config import Config
+from mm_jax.data import pipeline
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  devices: int
+  argument: int
+  output: int
+  temp: int
+  alias: int
+
+  @property
+  def total(self) -> int:
+    """What one device holds at the peak: arguments, outputs and temporaries, counting
+    donated buffers (outputs written over the state) once."""
+    return self.argument + self.output + self.temp - self.alias
+
+
+def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh) -> Plan:
+  """Lowers and compiles the train step for `mesh` from abstract shapes (nothing is
+  allocated) and returns XLA's per-device memory analysis."""
+  from mm_jax.train import loop
+  from mm_jax.train import state as state_lib
+  from mm_jax.train.step import train_step
+
+  built = state_lib.build(cfg, mesh)
+  spec, b = loop.row_spec(cfg), cfg.train.batch_size
+  batch_sh = loop.batch_shardings(mesh, spec, b)
+  stop_sh = sharding.batch_sharding(mesh, 1)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype)
+           for k, (shape, dtype) in pipeline.batch_shapes(spec, b).items()}
+  stop = jax.ShapeDtypeStruct((b,), np.bool_)
+  fn = jax.jit(functools.partial(train_step, built.fns),
+               in_shardings=(built.shardings, batch_sh, stop_sh),
+               out_shardings=(built.shardings, None), donate_argnums=0)
+  with jax.set_mesh(mesh):
+    m = fn.lower(built.abstract, batch, stop).compile().memory_analysis()
+  return Plan(mesh.size, m.argument_size_in_bytes, m.output_size_in_bytes,
+              m.temp_size_in_bytes, m.alias_size_in_bytes)
+
+
+def format_plan(cfg: Config, mesh: jax.sharding.Mesh, plan: Plan) -> list[str]:
+  shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  size = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+  micro = cfg.train.batch_size // cfg.optim.grad_accum
+  return [f"compiled plan (per device, XLA memory analysis on {jax.default_backend()}, "
+          f"{plan.devices} device(s): {shape}; micro-batch {micro} x {cfg.data.seq_len} "
+          f"global, remat={cfg.model.remat}, attention={cfg.model.attention}):",
+          f"  argument {size(plan.argument)}, output {size(plan.output)}, "
+          f"temp {size(plan.temp)}, aliased {size(plan.alias)}: total {size(plan.total)}"]
