@@ -25,20 +25,24 @@ def test_train_then_eval_writes_what_a_user_expects(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "step 12/12 loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
   assert "final eval at step 12" in r.stdout
+  assert "step 12/12 loss" in r.stdout and "(mean of 4)" in r.stdout  # the window's mean
+  assert f"outputs in {w}: checkpoints/12, config.json, metrics.jsonl" in r.stdout
+  assert f"python -m mm_jax.interop.hf export --workdir={w} --out={w}_hf" in r.stdout
   cfg = json.load(open(os.path.join(w, "config.json")))
   assert cfg["train"]["steps"] == 12 and cfg["model"]["vision"]["kind"] == "clip"
   records = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == [4, 8, 12]
-  for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "data/skipped"):
+  for key in ("step", "loss", "loss_mean", "lr", "tokens_per_s", "mfu", "data/skipped"):
     assert key in train[-1], key
+  assert train[-1]["loss_window"] == 4
   assert train[-1]["mfu"] is None  # no known peak FLOP/s for a CPU
   assert any("eval/accuracy" in r for r in records)
   assert os.listdir(os.path.join(w, "tensorboard"))
   assert sorted(os.listdir(os.path.join(w, "checkpoints")), key=int) == ["6", "12"]
 
-  # Only --config and --workdir: the run's own config.json (batch 8, 16 eval records).
-  r = _main("--mode=eval", "--config=configs/llava.py:tiny", f"--workdir={w}")
+  # Only --workdir, as the run's last line says: its config.json (batch 8, 16 eval records).
+  r = _main("--mode=eval", f"--workdir={w}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"--mode=eval uses {w}/config.json (the run's config); overrides: none" in r.stdout
   result = json.load(open(os.path.join(w, "eval_12.json")))

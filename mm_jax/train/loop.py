@@ -144,6 +144,7 @@ class _Run:
     peak = metrics_lib.peak_flops_per_device()
     writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)
     speed, window = metrics_lib.Throughput(start, total), _Window(self.goodput, start)
+    losses = metrics_lib.LossWindow()
     last: dict = {}
     pending = None  # (step, metrics) of the step before: its flags are read one step late
     try:
@@ -164,6 +165,7 @@ class _Run:
             distributed.barrier(f"train_step_compiled_{start}")
           state, m = step_fn(state, batch, stop)
           n = step + 1
+          losses.add(m)
           if pending is not None:
             guard.observe(*pending)
           pending = (n, m)
@@ -173,7 +175,8 @@ class _Run:
             window.restart(n)
           self.ckpt.poll()  # a failed async save stops the run now, not at the next save
           if n % cfg.train.log_every == 0 or n == total:
-            last = {**jax.device_get(m), **speed.report(n), **self.stats.metrics(),
+            last = {**jax.device_get(m), **speed.report(n), **losses.report(),
+                    **self.stats.metrics(),
                     "data/packing_efficiency": real / local["segment_ids"].size,
                     "train/skipped_nonfinite": guard.skipped_total}
             last["mfu"] = (flops / last["step_time_s"] / (peak * jax.device_count())
@@ -202,12 +205,24 @@ class _Run:
         self.ckpt.wait()
         if not has_eval_data(cfg):
           metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
+          metrics_lib.log(outputs_note(self.workdir, total, evaluated=False))
           return last
         result = self.evaluate(state, total, writer)
         metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
+        metrics_lib.log(outputs_note(self.workdir, total, evaluated=True))
         return {**last, **result}
     finally:
       writer.close()
+
+
+def outputs_note(workdir: str, step: int, evaluated: bool) -> str:
+  """What a finished run leaves and the commands that use it (printed at the end)."""
+  files = [f"checkpoints/{step}", "config.json", "metrics.jsonl", "tensorboard/",
+           "goodput.jsonl"] + ([f"eval_{step}.json"] if evaluated else [])
+  return (f"outputs in {workdir}: {', '.join(files)}\n"
+          f"  eval again: python main.py --mode=eval --workdir={workdir}  (reads its config.json)\n"
+          f"  export:     python -m mm_jax.interop.hf export --workdir={workdir} "
+          f"--out={workdir.rstrip('/')}_hf")
 
 
 class _Window:

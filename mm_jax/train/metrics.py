@@ -136,9 +136,38 @@ class Throughput:
     return out
 
 
+class LossWindow:
+  """The mean training loss over the steps since the last report, summed on the device
+  (no host sync per step); non-finite steps (applied as no-ops) are left out."""
+
+  def __init__(self):
+    self._add = jax.jit(lambda total, n, loss, skipped: (
+        total + jax.numpy.where(skipped > 0, 0.0, loss), n + 1 - skipped))
+    self.reset()
+
+  def reset(self) -> None:
+    self.total, self.n, self.steps = 0.0, 0, 0
+
+  def add(self, m: dict) -> None:
+    self.total, self.n = self._add(self.total, self.n, m["loss"], m["skipped_nonfinite"])
+    self.steps += 1
+
+  def report(self) -> dict:
+    """{"loss_mean": mean or None when every step was skipped, "loss_window": steps}."""
+    n = int(jax.device_get(self.n))
+    out = {"loss_mean": float(jax.device_get(self.total)) / n if n else None,
+           "loss_window": self.steps}
+    self.reset()
+    return out
+
+
 def progress_line(step: int, total: int, m: dict) -> str:
+  """One line per log_every steps; its loss is the mean over those steps."""
   eta = datetime.timedelta(seconds=int(m.get("eta_s", 0)))
-  return (f"step {step}/{total} loss {m['loss']:.4f} acc {m.get('accuracy', 0):.3f} "
+  mean = m.get("loss_mean")
+  loss = (f"loss {mean:.4f} (mean of {m['loss_window']})" if mean is not None and
+          m.get("loss_window", 1) > 1 else f"loss {m['loss']:.4f}")
+  return (f"step {step}/{total} {loss} acc {m.get('accuracy', 0):.3f} "
           f"lr {m['lr']:.2e} tok/s {m['tokens_per_s']:,.0f} step {m['step_time_s']:.3f}s "
           f"eta {eta}")
 
