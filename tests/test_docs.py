@@ -49,3 +49,22 @@ def test_a_documented_command_parses(page, command):
   if any(values["init"].values()) and not values["data"]["tokenizer"]:
     values["data"]["tokenizer"] = "/models/tokenizer.json"  # what the folder would supply
   config_lib.from_config_dict(values)
+
+
+def test_the_config_reference_is_generated_and_complete():
+  """docs/config.md is what `python -m mm_jax.config.reference` prints, and every key of
+  the typed config has a row with a meaning."""
+  from mm_jax.config import reference
+
+  page = (DOCS / "config.md").read_text()
+  assert page == reference.render(), (
+      "regenerate: python -m mm_jax.config.reference > docs/config.md")
+
+  def keys(d, prefix=""):
+    for k, v in d.items():
+      yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+  rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w.]+)` \| .*? \| (.*) \|$",
+                                                       page, flags=re.M)}
+  for key in keys(config_lib.defaults()):
+    assert rows.get(key, "").strip(), f"{key}: no meaning in docs/config.md"

@@ -55,7 +55,7 @@ STAGES = ("full", "pretrain", "finetune", "finetune_lora", "finetune_qlora")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  name: str = "tiny"
+  name: str = "tiny"  # the preset's name (set by the config file)
   stage: str = "full"  # full | pretrain | finetune | finetune_lora | finetune_qlora
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()

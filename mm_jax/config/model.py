@@ -19,18 +19,19 @@ class VisionConfig:
   """A CLIP or SigLIP vision tower (ViT)."""
 
   kind: str = "clip"  # clip (class token, pre-LN, quick_gelu) | siglip (no class token, gelu-tanh)
-  image_size: int = 224
-  patch_size: int = 14
-  width: int = 1024
-  depth: int = 24
-  heads: int = 16
-  mlp_dim: int = 4096
-  layer_norm_eps: float = 1e-5
+  image_size: int = 224  # input side S in pixels (images are fitted to S x S)
+  patch_size: int = 14  # ViT patch side in pixels
+  width: int = 1024  # ViT hidden size
+  depth: int = 24  # ViT blocks
+  heads: int = 16  # ViT attention heads
+  mlp_dim: int = 4096  # ViT MLP hidden size
+  layer_norm_eps: float = 1e-5  # LayerNorm epsilon
   # hidden_states index as in transformers: 0 = embeddings, i = after layer i, -1 = last layer.
   feature_layer: int = -2
   feature_select: str = "patch"  # patch | cls_patch (CLIP only)
   # Per-channel normalisation the data pipeline applies (CLIP's defaults).
   mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+  # per-channel pixel std (CLIP's by default; SigLIP: 0.5)
   std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
 
   @property
@@ -77,14 +78,14 @@ class AudioConfig:
   i.e. 25 tokens per second; 1 = plain Whisper).
   """
 
-  kind: str = "whisper"
+  kind: str = "whisper"  # audio tower architecture (whisper)
   n_mels: int = 80  # 80 (whisper up to large-v2) | 128 (large-v3, Qwen2-Audio)
-  width: int = 768
-  depth: int = 12
-  heads: int = 12
-  mlp_dim: int = 3072
+  width: int = 768  # audio tower hidden size
+  depth: int = 12  # audio tower blocks
+  heads: int = 12  # audio tower attention heads
+  mlp_dim: int = 3072  # audio tower MLP hidden size
   max_source_positions: int = 1500  # frames after the stem: 30 s; input <= 2x this
-  layer_norm_eps: float = 1e-5
+  layer_norm_eps: float = 1e-5  # LayerNorm epsilon
   pool: int = 2  # average pooling stride over time before the final LayerNorm; 1 = none
   projector: str = "mlp"  # linear | mlp (Linear-GELU-Linear) to the decoder width
 
@@ -114,16 +115,16 @@ class DecoderConfig:
   lm_head has one, LlavaForConditionalGeneration's (transformers 5.x) does not.
   """
 
-  vocab_size: int = 32000
-  width: int = 4096
-  depth: int = 32
-  heads: int = 32
-  kv_heads: int = 32
+  vocab_size: int = 32000  # vocabulary size V (embedding rows, logits)
+  width: int = 4096  # hidden size D
+  depth: int = 32  # decoder blocks
+  heads: int = 32  # query heads
+  kv_heads: int = 32  # key/value heads (fewer than heads: grouped-query attention)
   head_dim: int = 0  # 0: width // heads
-  mlp_dim: int = 11008
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = False
+  mlp_dim: int = 11008  # MLP hidden size
+  rope_theta: float = 10000.0  # RoPE base
+  norm_eps: float = 1e-5  # RMSNorm / LayerNorm epsilon
+  tie_embeddings: bool = False  # lm_head shares the embedding table
   family: str = "llama"  # llama | phi
   norm: str = "rms"  # rms | layer (LayerNorm with bias); the final norm too
   mlp: str = "swiglu"  # swiglu: down(silu(gate) * up) | gelu: fc2(gelu_tanh(fc1)) (gelu_new)
@@ -133,8 +134,8 @@ class DecoderConfig:
   # pass through. Rotated dims = int(head_size * rotary_fraction), as transformers rounds.
   rotary_fraction: float = 1.0
   attention_bias: bool = False  # q, k, v and output projections
-  mlp_bias: bool = False
-  lm_head_bias: bool = False
+  mlp_bias: bool = False  # biases in the MLP projections
+  lm_head_bias: bool = False  # a bias on the vocabulary projection (Phi)
 
   @property
   def head_size(self) -> int:
@@ -187,7 +188,7 @@ class VideoConfig:
   `<video>` tag expands to num_frames x (grid / pool)^2 placeholders.
   """
 
-  num_frames: int = 8
+  num_frames: int = 8  # frames sampled per video (F)
   pool: int = 2  # spatial average pooling stride on each frame's patch grid; 1 = none
   tower: str = "shared"  # shared: the image tower (towers/image) | separate: towers/video
   projector: str = "separate"  # shared: the image projector | separate: projectors/video
@@ -223,12 +224,12 @@ class ModelConfig:
   # Placeholder id of `<image>`; may lie outside the vocabulary (LLaVA's sentinel style):
   # placeholder positions are never looked up in the embedding table.
   image_token_id: int = 32000
-  video_token_id: int = 32001
-  audio_token_id: int = 32002
-  attention: str = "auto"
-  merge: str = "auto"
+  video_token_id: int = 32001  # placeholder id of `<video>`
+  audio_token_id: int = 32002  # placeholder id of `<audio>`
+  attention: str = "auto"  # auto | xla | pallas (auto: pallas on GPU/TPU, xla on CPU)
+  merge: str = "auto"  # multimodal token merge: auto | xla | pallas
   dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
-  param_dtype: str = "float32"
+  param_dtype: str = "float32"  # parameter storage dtype (float32 keeps the master weights)
   # Rematerialise each transformer block in the backward pass: none | full (keep only the
   # block input) | dots (also keep the weight matmuls' outputs); see models/remat.py.
   remat: str = "none"

@@ -31,8 +31,8 @@ class DataConfig:
   # the questions labelled here ("video/direction", ...: entries of synthetic_av.LABELS);
   # the rest the whole mix. In order, unshuffled (pipeline.train_iterator).
   curriculum: tuple[str, ...] = ()
-  curriculum_samples: int = 0
-  seq_len: int = 64
+  curriculum_samples: int = 0  # see curriculum
+  seq_len: int = 64  # tokens per packed row (T)
   images_per_sample: int = 1  # image slots per row (Mi); unused slots are invalid
   videos_per_sample: int = 1  # video slots per row (Mv), when the model reads video
   audios_per_sample: int = 1  # audio slots per row (Ma), when the model reads audio
@@ -41,7 +41,7 @@ class DataConfig:
   pack: bool = True  # first-fit several samples into one row (segment ids keep them apart)
   num_train: int = 20000  # synthetic only
   num_eval: int = 512  # synthetic only
-  seed: int = 0
+  seed: int = 0  # shuffling and synthetic-data seed
   worker_count: int = 0  # grain worker processes (0: decode in the main process)
   # grain read threads per process (0: read in the iterating thread; -1: 1 for the
   # synthetic sources, else grain's 16). Pillow and PyAV decode without the GIL and want
@@ -53,9 +53,9 @@ class DataConfig:
   # (SentencePiece .model, tokenizer.json, or a folder holding one), and a template.
   json: str = ""
   eval_json: str = ""  # held-out records for --mode=eval and the final eval
-  image_dir: str = ""
+  image_dir: str = ""  # llava_json: folder the records' image paths are relative to
   tfds_dir: str = ""  # tfds: where the ArrayRecord conversion is written (once)
-  tokenizer: str = ""
+  tokenizer: str = ""  # llava_json: tokenizer file or folder (empty: the init folder's)
   template: str = "vicuna_v1"  # plain (stage 1) | vicuna_v1 (LLaVA-1.5) | llama3
   image_aspect_ratio: str = "pad"  # pad (LLaVA-1.5) | resize | crop
   strict: bool = False  # stop at the first bad record instead of skipping it
@@ -111,14 +111,14 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  lr: float = 2e-5
-  warmup_steps: int = 0
+  lr: float = 2e-5  # peak learning rate
+  warmup_steps: int = 0  # linear warm-up steps, then cosine decay
   schedule: str = "cosine"  # cosine | constant (after warmup)
-  min_lr_ratio: float = 0.0
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
+  min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr
+  weight_decay: float = 0.0  # AdamW decoupled weight decay
+  b1: float = 0.9  # AdamW beta1
+  b2: float = 0.999  # AdamW beta2
+  eps: float = 1e-8  # AdamW epsilon
   clip_norm: float = 1.0  # 0 disables global-norm clipping
   grad_accum: int = 1  # micro-batches per optimizer step
   # Regexes over parameter paths ("decoder/layers/3/mlp/up/kernel"); a match is frozen:
@@ -141,10 +141,10 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 1000
+  steps: int = 1000  # optimizer steps in the run
   batch_size: int = 32  # global, per optimizer step
-  seed: int = 0
-  log_every: int = 10
+  seed: int = 0  # parameter init and dropout seed
+  log_every: int = 10  # steps between progress lines and metrics.jsonl records
   eval_every: int = 0  # 0: only at the end
   eval_batches: int = 0  # 0: the whole held-out split
   # A step with a non-finite loss or gradient applies no update; this many in a row stop
@@ -165,9 +165,9 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int = 500
-  keep: int = 3
-  async_save: bool = True
+  every: int = 500  # steps between checkpoints
+  keep: int = 3  # newest checkpoints kept (older ones rotate out only after a newer one commits)
+  async_save: bool = True  # write checkpoints in the background while training goes on
 
   def validate(self, key: str) -> None:
     _check(self.every > 0, f"{key}.every", "must be positive")
@@ -178,9 +178,9 @@ class CheckpointConfig:
 class MeshConfig:
   """Device mesh ("data", "fsdp", "tensor"); one size may be -1 (the remaining devices)."""
 
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
+  data: int = -1  # data-parallel axis size (-1: the devices left over)
+  fsdp: int = 1  # fully sharded data-parallel axis size (parameters and optimizer state sharded)
+  tensor: int = 1  # tensor-parallel axis size
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -196,17 +196,18 @@ class InitConfig:
   """Local Hugging Face folders (safetensors) to start a fresh run from; "" = random init.
 
   vision_from_hf: CLIPVisionModel / SiglipVisionModel (or a full CLIPModel / SiglipModel);
-  decoder_from_hf: LlamaForCausalLM or PhiForCausalLM; llava_from_hf:
-  LlavaForConditionalGeneration (all of the model but audio, so it excludes the first two);
-  audio_from_hf: the encoder of a WhisperModel / WhisperForConditionalGeneration (or a bare
-  WhisperEncoder) for towers/audio, needs "audio" in config.model.modalities. Shapes must
-  match config.model.
+  decoder_from_hf: LlamaForCausalLM / MistralForCausalLM / PhiForCausalLM; llava_from_hf:
+  LlavaForConditionalGeneration or LlavaNextVideoForConditionalGeneration (all of the model
+  but audio, so it excludes the first two); audio_from_hf: the encoder of a WhisperModel /
+  WhisperForConditionalGeneration (or a bare WhisperEncoder) for towers/audio, needs
+  "audio" in config.model.modalities. The model's shape fields are taken from the folders
+  (mm_jax/interop/hf_adopt.py).
   """
 
-  vision_from_hf: str = ""
-  decoder_from_hf: str = ""
-  llava_from_hf: str = ""
-  audio_from_hf: str = ""
+  vision_from_hf: str = ""  # HF CLIP/SigLIP folder for the vision tower
+  decoder_from_hf: str = ""  # HF LLaMA/Mistral/Phi folder for the decoder
+  llava_from_hf: str = ""  # HF LLaVA or LLaVA-NeXT-Video folder for the whole model
+  audio_from_hf: str = ""  # HF Whisper folder for the audio tower
 
   def validate(self, key: str) -> None:
     _check(not (self.llava_from_hf and (self.vision_from_hf or self.decoder_from_hf)),
@@ -218,11 +219,11 @@ class InitConfig:
 class GenerateConfig:
   """Decoding for --mode=generate and generation-based eval (mm_jax.infer)."""
 
-  max_new_tokens: int = 32
+  max_new_tokens: int = 32  # tokens generated per answer at most
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0  # 0: no cut
   top_p: float = 1.0  # 1: no cut
-  seed: int = 0
+  seed: int = 0  # sampling seed
   stop: tuple[int, ...] = ()  # extra stop ids; the template's end token always stops
 
   def validate(self, key: str) -> None:
