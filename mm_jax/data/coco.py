@@ -31,8 +31,9 @@ import grain
 import numpy as np
 
 from mm_jax.config import ConfigError, DataConfig
-from mm_jax.data import media, templates
+from mm_jax.data import llava, media, templates
 from mm_jax.data.errors import BAD_JSON, BadRecord
+from mm_jax.data.records import guarded, to_example
 from mm_jax.data.text import IMAGE_TAG
 
 ERROR_KEY = "_error"
@@ -111,8 +112,6 @@ def pick(unit: dict, *, seed: int, epoch: int) -> str:
 
 def coco_examples(data: DataConfig, spec, *, split: str):
   """(MapDataset of (epoch, unit), (epoch, unit) -> example-or-marker)."""
-  from mm_jax.data import llava, pipeline
-
   path = data.json if split == "train" else data.eval_json
   if not path:
     raise ConfigError("config.data.eval_json: required to evaluate a coco_captions run")
@@ -131,6 +130,6 @@ def coco_examples(data: DataConfig, spec, *, split: str):
                               mean=spec.mean, std=spec.std)
     enc = templates.render_caption(tok, pick(unit, seed=data.seed, epoch=epoch), expand=expand,
                                    separator=data.caption_separator)
-    return pipeline.to_example(unit["id"], enc, [pixels], spec)
+    return to_example(unit["id"], enc, [pixels], spec)
 
-  return items, pipeline.guarded(make, lambda item: str(item[1].get("id", "?")))
+  return items, guarded(make, lambda item: str(item[1].get("id", "?")))

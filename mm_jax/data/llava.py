@@ -20,6 +20,7 @@ import numpy as np
 from mm_jax.config import ConfigError, DataConfig
 from mm_jax.data import audio, media, sources, templates, text, tfds_source, video
 from mm_jax.data.errors import CORRUPT_AUDIO, CORRUPT_VIDEO, TAG_MISMATCH, BadRecord
+from mm_jax.data.records import guarded, to_example
 from mm_jax.data.text import AUDIO_TAG, IMAGE_TAG, VIDEO_TAG
 
 _TAGS = {"image": IMAGE_TAG, "video": VIDEO_TAG, "audio": AUDIO_TAG}
@@ -28,7 +29,7 @@ _TAGS = {"image": IMAGE_TAG, "video": VIDEO_TAG, "audio": AUDIO_TAG}
 def tokenizer_for(data: DataConfig, model):
   """Loads the tokenizer with a tag per modality and checks the model's placeholder ids.
 
-  model: anything with `modalities` and `<m>_token_id` (ModelConfig, pipeline.RowSpec).
+  model: anything with `modalities` and `<m>_token_id` (ModelConfig, records.RowSpec).
   `<image>` is always registered, and first, so that tags missing from the vocabulary get
   the same ids (vocab, vocab + 1, ...) whichever of video and audio the model reads.
   """
@@ -95,8 +96,6 @@ def decode_av(sample: sources.Sample, spec, data: DataConfig
 
 def llava_examples(data: DataConfig, spec, *, split: str):
   """(MapDataset of records, record -> example-or-marker)."""
-  from mm_jax.data import pipeline
-
   path = data.json if split == "train" else data.eval_json
   if not path:
     raise ConfigError("config.data.eval_json: required to evaluate a llava_json run")
@@ -119,7 +118,7 @@ def llava_examples(data: DataConfig, spec, *, split: str):
     if "audio" in spec.modalities:
       expand[spec.audio_token_id] = [spec.audio_tokens(len(m)) for m in mels]
     enc = templates.render_conversation(tok, sample.conversation, data.template, expand=expand)
-    return pipeline.to_example(sample.id, enc, images, spec, videos=videos, audios=mels)
+    return to_example(sample.id, enc, images, spec, videos=videos, audios=mels)
 
   describe = lambda record: str(record.get("id", "?")) if isinstance(record, dict) else "?"
-  return grain.MapDataset.source(records), pipeline.guarded(make, describe)
+  return grain.MapDataset.source(records), guarded(make, describe)
