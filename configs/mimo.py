@@ -28,7 +28,7 @@ _PRESETS = {
             # with 4 of 32, motion and "at time k" were never learned in the same run.
             decoder=dict(vocab_size=64, width=128, depth=3, heads=8, kv_heads=4, mlp_dim=256),
             # 2 frames (= 2 time slots) of 4x4 tokens (pool 2 of the 8x8 patch grid). With 4
-            # slots of 2x2 tokens, binding stayed at chance in every run (README, MIMO); with
+            # slots of 2x2 tokens, binding stayed at chance in every run (docs/notes); with
             # 2 slots it rose to 0.68-0.70 in 600 steps. Motion across 2 frames is still
             # motion (the square moves nearly edge to edge).
             video=dict(num_frames=2, pool=2, tower="shared", projector="separate"),
@@ -44,18 +44,18 @@ _PRESETS = {
         # 0.52 and 0.45, chance 0.5). turns: each train clip also answers up to 3 more
         # questions that leak no answer to each other (synthetic_av._more_turns); with one
         # question per clip binding stayed at chance (0.38-0.45), with these 0.69 and 0.83
-        # over two seeds (README, MIMO). curriculum: the first 250 steps ask only which way
+        # over two seeds (docs/notes). curriculum: the first 250 steps ask only which way
         # the shape moves (their further turns ask the rest), then the whole mix. Motion
         # was never learned in the mix (direction at chance in every run, on train samples
         # too), but within 150 steps alone. With colour questions in the curriculum too,
         # seed 2 learned no motion (up or down 0.48 and 0.52 in two runs); without them,
-        # seeds 0-2 all did (README, MIMO). 450 steps of 32 read 14400 of the 20000 train
+        # seeds 0-2 all did (docs/notes). 450 steps of 32 read 14400 of the 20000 train
         # samples: the curriculum does not come back.
         data=dict(source="synthetic_av", seq_len=96, audio_seq_len=100, clip_seconds=1.0,
                   interleave_av=True, num_train=20000, num_eval=512, turns=4,
                   curriculum=("video/direction", "video/vertical"), curriculum_samples=8000),
         # 450 steps: every kind in seeds 0-2 as at 600; at 400, seed 0's xor fell to 0.83
-        # (README, MIMO). About 6 min on 2 CPU cores (2026-12-01).
+        # (docs/notes). About 6 min on 2 CPU cores (2026-12-01).
         train=dict(steps=450, batch_size=32, log_every=50),
     ),
     "7b": dict(

@@ -68,3 +68,24 @@ def test_the_config_reference_is_generated_and_complete():
                                                        page, flags=re.M)}
   for key in keys(config_lib.defaults()):
     assert rows.get(key, "").strip(), f"{key}: no meaning in docs/config.md"
+
+
+BIG = [(p, c) for p, c in COMMANDS if re.search(r"--config=configs/\w+\.py:(?!tiny)", c)]
+
+
+@pytest.mark.parametrize("page,command", BIG, ids=[f"{p}:{i}" for i, (p, _) in enumerate(BIG)])
+def test_a_documented_big_preset_builds_in_a_dry_run(page, command):
+  """Big presets are not trained in tests: each documented command of one builds its model
+  abstractly and prints the memory estimate (`--dry_run --nomemory_plan`), here on 8 fake
+  CPU devices."""
+  from mm_jax import run
+
+  argv = [a for a in shlex.split(command)[2:] if re.match(r"--(no)?config(\.|=)", a)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                  sys_argv=["main.py", *argv])
+  fv(["main.py", *argv])
+  values = config_lib.fill_defaults(fv.config.to_dict())
+  if any(values["init"].values()) and not values["data"]["tokenizer"]:
+    values["data"]["tokenizer"] = "/models/tokenizer.json"  # what the folder would supply
+  assert run.dry_run(config_lib.from_config_dict(values))["total"] > 0

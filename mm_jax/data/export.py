@@ -3,7 +3,7 @@ r"""Write the embedded synthetic set as a LLaVA-format folder, with a tokenizer.
   python -m mm_jax.data.export --out=runs/shapes --train=2000 --eval=200
 
 gives runs/shapes/{images/, train.json, eval.json, tokenizer.json}: a small real-format
-data set to try `data.source=llava_json` with (see the README), and to test with.
+data set to try `data.source=llava_json` with (see docs/data.md), and to test with.
 """
 
 from __future__ import annotations

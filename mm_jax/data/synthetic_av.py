@@ -37,7 +37,7 @@ label has no first-order correlation with either input alone, so a gradient on x
 alone cannot teach the model to read either half: the halves are asked on their own so
 that the fused questions only have to compose features the model already reads. (Measured
 on the tiny preset: with 2 slots and the timing questions binding rose from chance to 0.7,
-while xor, whose audio half was never asked, stayed at chance. README, MIMO.)
+while xor, whose audio half was never asked, stayed at chance. docs/notes/mimo-tuning.md.)
 
 The timing questions hear one beep, not a high and a low one of which the question names
 one: that answer is the xor of the asked word and the order of the pitches, the same trap
@@ -273,7 +273,7 @@ def _more_turns(latent: dict, first: list[str], turns: int, rng) -> list[tuple[l
   fact an earlier question read: a later answer that followed from earlier ones (direction
   from "up or down", xor from both halves) could be read off the text instead of the
   media. (With every question asked, train accuracy reached 0.97 while first questions on
-  motion stayed at chance; the README's MIMO tables have both variants.)"""
+  motion stayed at chance; docs/notes/mimo-tuning.md has both variants.)"""
   scene = questions(latent)
   used = next(q.facts for q in scene if q.words == first)
   more = []

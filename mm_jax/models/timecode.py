@@ -28,7 +28,7 @@ class TimeCode(nnx.Module):
     # std 0.5, the scale of the projected rows: a code as faint as the text embeddings
     # (0.02) barely moves attention or a per-row feature at first, and what is read "at a
     # time" (the square's place in frame 0, not 1) has to be learned through it. Measured
-    # on the tiny MIMO preset, seed 1 (600 steps, README): binding 0.56 and xor 1.00 at 0.02,
+    # on the tiny MIMO preset, seed 1 (600 steps, docs/notes): binding 0.56 and xor 1.00 at 0.02,
     # 0.94 and 1.00 at 0.5. (An earlier measurement favoured 0.02, on a task whose timing
     # questions could not be learned at any scale: synthetic_av's docstring.)
     self.table = param(rngs, jax.nn.initializers.normal(0.5), (slots, width),
