@@ -27,7 +27,7 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False) -> dict[str, int]
   if memory_plan:
     from mm_jax.train import plan as plan_lib
 
-    compiled = plan_lib.compiled_plan(cfg, mesh)
+    compiled = plan_lib.compiled_plan(cfg, mesh, built)
     print("\n".join(plan_lib.format_plan(cfg, mesh, compiled)))
     counts = {**counts, "plan_total_bytes": compiled.total, "plan_temp_bytes": compiled.temp}
   return counts

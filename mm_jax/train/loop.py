@@ -30,6 +30,14 @@ def batch_shardings(mesh, spec: pipeline.RowSpec, batch: int) -> dict:
           for k, (shape, _) in pipeline.batch_shapes(spec, batch).items()}
 
 
+def jit_train_step(built: state_lib.Built, batch_sh: dict, stop_sh):
+  """The train step as training runs it: explicit shardings, the state donated (the memory
+  plan of --dry_run compiles this same function, train/plan.py)."""
+  return jax.jit(functools.partial(train_step, built.fns),
+                 in_shardings=(built.shardings, batch_sh, stop_sh),
+                 out_shardings=(built.shardings, None), donate_argnums=0)
+
+
 def row_spec(cfg: Config) -> pipeline.RowSpec:
   return pipeline.RowSpec.create(cfg.data, cfg.model)
 
@@ -134,9 +142,7 @@ class _Run:
     guard = stopping.StepGuard(cfg.train.max_nonfinite_steps,
                                self.ckpt.read_counters(start).get("skipped_nonfinite", 0)
                                if start else 0)
-    step_fn = jax.jit(functools.partial(train_step, self.built.fns),
-                      in_shardings=(self.built.shardings, self.batch_sh, self.stop_sh),
-                      out_shardings=(self.built.shardings, None), donate_argnums=0)
+    step_fn = jit_train_step(self.built, self.batch_sh, self.stop_sh)
     counts = state_lib.param_counts(self.built.abstract)
     flops = metrics_lib.flops_per_step(cfg.model, cfg.train.batch_size, self.spec.seq_len,
                                        cfg.train.batch_size * self.spec.images_per_sample,

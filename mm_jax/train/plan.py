@@ -13,7 +13,6 @@ backend's, an upper bound rather than a GPU figure.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
@@ -40,23 +39,20 @@ class Plan:
     return self.argument + self.output + self.temp - self.alias
 
 
-def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh) -> Plan:
+def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Plan:
   """Lowers and compiles the train step for `mesh` from abstract shapes (nothing is
-  allocated) and returns XLA's per-device memory analysis."""
+  allocated) and returns XLA's per-device memory analysis. `built`: the state_lib.build of
+  `cfg` on `mesh`, when the caller has it."""
   from mm_jax.train import loop
   from mm_jax.train import state as state_lib
-  from mm_jax.train.step import train_step
 
-  built = state_lib.build(cfg, mesh)
+  built = built or state_lib.build(cfg, mesh)
   spec, b = loop.row_spec(cfg), cfg.train.batch_size
-  batch_sh = loop.batch_shardings(mesh, spec, b)
-  stop_sh = sharding.batch_sharding(mesh, 1)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype)
            for k, (shape, dtype) in pipeline.batch_shapes(spec, b).items()}
   stop = jax.ShapeDtypeStruct((b,), np.bool_)
-  fn = jax.jit(functools.partial(train_step, built.fns),
-               in_shardings=(built.shardings, batch_sh, stop_sh),
-               out_shardings=(built.shardings, None), donate_argnums=0)
+  fn = loop.jit_train_step(built, loop.batch_shardings(mesh, spec, b),
+                           sharding.batch_sharding(mesh, 1))
   with jax.set_mesh(mesh):
     m = fn.lower(built.abstract, batch, stop).compile().memory_analysis()
   return Plan(mesh.size, m.argument_size_in_bytes, m.output_size_in_bytes,
