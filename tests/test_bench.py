@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-GPU_STEPS = ("attention", "merge", "generate", "lora")  # bench/gpu.sh runs these
+GPU_STEPS = ("attention", "merge", "generate", "lora", "step")  # bench/gpu.sh runs these
 
 
 def table_rows(text: str) -> list[str]:
