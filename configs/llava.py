@@ -130,6 +130,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m.dtype = preset.get("dtype", "bfloat16")
   m.param_dtype = stage.get("param_dtype", "float32") if big else "float32"
   m.remat = "full" if big else "none"  # none | full | dots (models/remat.py)
+  m.scan_layers = big  # one scanned block per stack (models/stack.py)
 
   c.data.update(dict(
       task=stage.get("task", "qa"), seq_len=2048, worker_count=0 if not big else 16,

@@ -233,6 +233,11 @@ class ModelConfig:
   # Rematerialise each transformer block in the backward pass: none | full (keep only the
   # block input) | dots (also keep the weight matmuls' outputs); see models/remat.py.
   remat: str = "none"
+  # Keep each tower's and the decoder's layers as one stacked block run by a scan
+  # (models/stack.py): compile time flat in depth, memory fixed by the scan's carries.
+  # Parameters are stored [L, ...] (checkpoints of the two layouts differ); HF import and
+  # export, LoRA targets and freeze patterns still name layers as ".../layers/3/...".
+  scan_layers: bool = False
   # Time codes (models/timecode.py): none | learned, one vector per time slot (a video
   # frame's span of the clip) added to the video and audio rows of that slot.
   time_code: str = "none"

@@ -32,6 +32,7 @@ from mm_jax import sharding
 from mm_jax.config import AudioConfig
 from mm_jax.models import attention, remat
 from mm_jax.models.layers import ACTIVATIONS, Dense, LayerNorm, param
+from mm_jax.models.stack import Stack
 
 _gelu = ACTIVATIONS["gelu"]  # exact erf GELU (transformers' "gelu")
 
@@ -108,14 +109,15 @@ class AudioTower(nnx.Module):
   """log-mel float[B, L, n_mels], valid bool[B, L] -> float[B, L', D], bool[B, L']."""
 
   def __init__(self, cfg: AudioConfig, *, attention_impl: str = "xla", remat: str = "none",
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               scan: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.cfg = cfg
     d = cfg.width
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.conv1 = Conv1d(cfg.n_mels, d, stride=1, **kw)
     self.conv2 = Conv1d(d, d, stride=2, **kw)
-    self.blocks = nnx.List([AudioBlock(cfg, attention_impl=attention_impl, **kw)
-                            for _ in range(cfg.depth)])
+    block = lambda: AudioBlock(cfg, attention_impl=attention_impl, **kw)
+    self.blocks = (Stack(block, cfg.depth) if scan
+                   else nnx.List([block() for _ in range(cfg.depth)]))
     self.final_ln = LayerNorm(d, "audio_embed", eps=cfg.layer_norm_eps, **kw)
     self.remat, self.dtype = remat, dtype
 
@@ -135,6 +137,11 @@ class AudioTower(nnx.Module):
     """States after the last block, before pooling and the final LayerNorm (L/2 frames)."""
     x, valid = self.embed(mel, valid)
     segments = valid.astype(jnp.int32)
+    if isinstance(self.blocks, Stack):
+      def body(block, x, segments):
+        with jax.named_scope("audio_block"):
+          return sharding.constrain(block(x, segments), "act_batch", "act_seq", "act_embed")
+      return self.blocks.run(body, x, segments, remat=self.remat), valid
     call = remat.wrap(lambda b, x, s: b(x, s), self.remat)
     for block in self.blocks:
       with jax.named_scope("audio_block"):

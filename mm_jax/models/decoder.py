@@ -22,19 +22,21 @@ from mm_jax import sharding
 from mm_jax.config import DecoderConfig
 from mm_jax.models import attention, remat
 from mm_jax.models.layers import Dense, LayerNorm, RMSNorm, param, rope
+from mm_jax.models.stack import Stack
 
 
 @struct.dataclass
 class KVCache:
   """Keys and values of every layer, in cache slots [0, S).
 
-  k, v: per layer float[B, S, K, H]; valid bool[B, S]: slot written by a real token (left
+  k, v: per layer float[B, S, K, H] (a tuple of L), or one float[L, B, S, K, H] for a
+  scanned stack (models/stack.py); valid bool[B, S]: slot written by a real token (left
   padding of shorter prompts stays false); index: the next slot to write (the same for all
   rows: rows differ only in how much left padding they carry).
   """
 
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: tuple[jax.Array, ...] | jax.Array
+  v: tuple[jax.Array, ...] | jax.Array
   valid: jax.Array
   index: jax.Array
 
@@ -116,13 +118,14 @@ class DecoderBlock(nnx.Module):
 
 class Decoder(nnx.Module):
   def __init__(self, cfg: DecoderConfig, *, attention_impl: str = "xla", remat: str = "none",
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               scan: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     init = jax.nn.initializers.normal(0.02)
     self.embedding = param(rngs, init, (cfg.vocab_size, cfg.width), ("vocab", "embed"),
                            param_dtype)
-    self.layers = nnx.List([DecoderBlock(cfg, attention_impl=attention_impl, **kw)
-                            for _ in range(cfg.depth)])
+    block = lambda: DecoderBlock(cfg, attention_impl=attention_impl, **kw)
+    self.layers = (Stack(block, cfg.depth) if scan
+                   else nnx.List([block() for _ in range(cfg.depth)]))
     self.norm = _norm(cfg, **kw)
     self.lm_head = (None if cfg.tie_embeddings else
                     Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"),
@@ -136,8 +139,11 @@ class Decoder(nnx.Module):
   def init_cache(self, batch: int, slots: int) -> KVCache:
     """An empty KVCache of `slots` positions per row, in the compute dtype."""
     depth, kv_heads, head_size = self.cache_shape
-    zeros = tuple(jnp.zeros((batch, slots, kv_heads, head_size), self.dtype)
-                  for _ in range(depth))
+    if isinstance(self.layers, Stack):
+      zeros = jnp.zeros((depth, batch, slots, kv_heads, head_size), self.dtype)
+    else:
+      zeros = tuple(jnp.zeros((batch, slots, kv_heads, head_size), self.dtype)
+                    for _ in range(depth))
     return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
   def embed(self, tokens: jax.Array) -> jax.Array:
@@ -156,6 +162,13 @@ class Decoder(nnx.Module):
 
   def hidden(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x float[B, T, D] -> the final norm's output float[B, T, D] (what `head` projects)."""
+    if isinstance(self.layers, Stack):
+      def body(block, x, positions, segment_ids):
+        with jax.named_scope("decoder_block"):
+          return sharding.constrain(block(x, positions, segment_ids),
+                                    "act_batch", "act_seq", "act_embed")
+      x = self.layers.run(body, x, positions, segment_ids, remat=self.remat)
+      return self.norm(x)
     for layer in self.layers:
       call = remat.wrap(lambda b, *a: b(*a), self.remat)
       with jax.named_scope("decoder_block"):
@@ -190,6 +203,13 @@ class Decoder(nnx.Module):
     positions int32[B, T] (RoPE, per row); token_valid bool[B, T] (false on left padding).
     """
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, 1)
+    if isinstance(self.layers, Stack):
+      def body(block, x, valid, index, kv):
+        with jax.named_scope("decoder_block"):
+          x, k, v = block.step(x, positions, kv[0], kv[1], valid, index)
+        return x, (k, v)
+      x, (k, v) = self.layers.run(body, x, valid, cache.index, xs=(cache.k, cache.v))
+      return self._logits(x), KVCache(k, v, valid, cache.index + x.shape[1])
     ks, vs = [], []
     for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
       with jax.named_scope("decoder_block"):

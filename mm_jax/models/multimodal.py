@@ -83,7 +83,8 @@ class MultimodalModel(nnx.Module):
     self.video_tower = "image" if cfg.video.tower == "shared" else "video"
     self.video_projector = "image" if cfg.video.projector == "shared" else "video"
     towers, projectors = {}, {}
-    vit = lambda: VisionTower(cfg.vision, attention_impl=impl, remat=cfg.remat, **kw)
+    stacks = dict(attention_impl=impl, remat=cfg.remat, scan=cfg.scan_layers)
+    vit = lambda: VisionTower(cfg.vision, **stacks, **kw)
     vision_projector = lambda: Projector(cfg.projector, cfg.vision.width, d, **kw)
     if "image" in mods or ("video" in mods and self.video_tower == "image"):
       towers["image"] = vit()
@@ -94,10 +95,10 @@ class MultimodalModel(nnx.Module):
     if "video" in mods and self.video_projector == "video":
       projectors["video"] = vision_projector()
     if "audio" in mods:
-      towers["audio"] = AudioTower(cfg.audio, attention_impl=impl, remat=cfg.remat, **kw)
+      towers["audio"] = AudioTower(cfg.audio, **stacks, **kw)
       projectors["audio"] = AudioProjector(cfg.audio, d, **kw)
     self.towers, self.projectors = nnx.Dict(towers), nnx.Dict(projectors)
-    self.decoder = Decoder(cfg.decoder, attention_impl=impl, remat=cfg.remat, **kw)
+    self.decoder = Decoder(cfg.decoder, **stacks, **kw)
     self.time_code = (TimeCode(cfg.video.num_frames, d, rngs=rngs, param_dtype=param_dtype)
                       if cfg.time_code == "learned" else None)
     self.modalities = tuple(Modality(m, cfg.token_id(m), *MODALITY_KEYS[m]) for m in mods)

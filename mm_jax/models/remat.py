@@ -19,7 +19,7 @@ from flax import nnx
 
 REMAT = ("none", "full", "dots")
 
-_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
              "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
 
@@ -27,9 +27,9 @@ def wrap(call: Callable, remat: str) -> Callable:
   """`call(block, *args)` under the remat mode's checkpoint policy (unchanged for none)."""
   if remat == "none":
     return call
-  if remat not in _POLICIES:
+  if remat not in POLICIES:
     raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
-  policy = _POLICIES[remat]
+  policy = POLICIES[remat]
 
   # Plain jax.checkpoint over the block's split state, not nnx.remat: nnx.remat merges the
   # block back inside the checkpoint trace, which flax 0.12.8 refuses for Variables made

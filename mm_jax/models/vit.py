@@ -17,6 +17,7 @@ from mm_jax import sharding
 from mm_jax.config import VisionConfig
 from mm_jax.models import attention, remat
 from mm_jax.models.layers import ACTIVATIONS, Dense, LayerNorm, param
+from mm_jax.models.stack import Stack
 
 
 class VisionBlock(nnx.Module):
@@ -47,11 +48,17 @@ class VisionBlock(nnx.Module):
     return x + self.fc2(ACTIVATIONS[self.act](self.fc1(self.ln2(x))))
 
 
+def _scanned(block: VisionBlock, x: jax.Array) -> jax.Array:
+  """One layer of a scanned stack, as the unrolled loop runs it."""
+  with jax.named_scope("vision_block"):
+    return sharding.constrain(block(x), "act_batch", "act_seq", "act_embed")
+
+
 class VisionTower(nnx.Module):
   """images float[M, H, W, 3] (normalised) -> features float[M, P', D_v]."""
 
   def __init__(self, cfg: VisionConfig, *, attention_impl: str = "xla", remat: str = "none",
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               scan: bool = False, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.cfg = cfg
     d, p = cfg.width, cfg.patch_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -62,8 +69,9 @@ class VisionTower(nnx.Module):
     self.cls = param(rngs, init, (d,), ("vision_embed",), param_dtype) if clip else None
     self.pos = param(rngs, init, (cfg.num_patches + clip, d), (None, "vision_embed"), param_dtype)
     self.pre_ln = LayerNorm(d, "vision_embed", eps=cfg.layer_norm_eps, **kw) if clip else None
-    self.blocks = nnx.List([VisionBlock(cfg, attention_impl=attention_impl, **kw)
-                            for _ in range(cfg.depth)])
+    block = lambda: VisionBlock(cfg, attention_impl=attention_impl, **kw)
+    self.blocks = (Stack(block, cfg.depth) if scan
+                   else nnx.List([block() for _ in range(cfg.depth)]))
     self.post_ln = LayerNorm(d, "vision_embed", eps=cfg.layer_norm_eps, **kw)
     self.remat, self.dtype = remat, dtype
 
@@ -83,6 +91,11 @@ class VisionTower(nnx.Module):
     """[embeddings, after block 1, ..., after block `upto`] (default: all blocks)."""
     upto = len(self.blocks) if upto is None else upto
     states = [self.embed(images)]
+    if isinstance(self.blocks, Stack):
+      if upto == 0:
+        return states
+      _, ys = self.blocks.run(_scanned, states[0], upto=upto, remat=self.remat, collect=True)
+      return states + [ys[i] for i in range(upto)]
     for block in list(self.blocks)[:upto]:
       call = remat.wrap(lambda b, x: b(x), self.remat)
       with jax.named_scope("vision_block"):
@@ -104,7 +117,11 @@ class VisionTower(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     """LLaVA features: hidden_states[feature_layer], class token dropped for `patch`."""
     layer = self.cfg.feature_layer % (self.cfg.depth + 1)
-    x = self.hidden_states(images, upto=layer)[layer]
+    if isinstance(self.blocks, Stack):  # only the last state: no [upto, ...] stack of them
+      x = self.embed(images)
+      x = self.blocks.run(_scanned, x, upto=layer, remat=self.remat) if layer else x
+    else:
+      x = self.hidden_states(images, upto=layer)[layer]
     if self.cls is not None and self.cfg.feature_select == "patch":
       x = x[:, 1:]
     return x
