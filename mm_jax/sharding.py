@@ -26,6 +26,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_seq", None),
     ("act_embed", None),
     ("act_vocab", "tensor"),
+    # The stacked dim of a scanned layer stack (models/stack.py): every device holds every
+    # layer's slice of a parameter, as it holds every layer of an unrolled model.
+    ("layers", None),
     # Decoder parameters: FSDP over the model width, Megatron-style tensor parallelism
     # over heads and MLP width (column-parallel in, row-parallel out).
     ("embed", "fsdp"),

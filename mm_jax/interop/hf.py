@@ -29,7 +29,7 @@ from mm_jax import paths, sharding
 from mm_jax.config import Config, MeshConfig
 from mm_jax.interop import hf_export, peft_export
 from mm_jax.interop.hf_import import covered, init_from_hf
-from mm_jax.models import lora
+from mm_jax.models import lora, stack
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
 
 __all__ = ["export", "init_from_hf", "load_model", "read_run_config", "restore_model"]
@@ -45,7 +45,7 @@ def load_model(cfg: Config, mesh: jax.sharding.Mesh) -> MultimodalModel:
   make = lambda: MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = sharding.state_shardings(abstract, mesh)
-  if {path for path, _ in nnx.to_flat_state(abstract)} <= covered(cfg.init, cfg.model):
+  if stack.layer_path_set(nnx.to_flat_state(abstract)) <= covered(cfg.init, cfg.model):
     state = restore_target(abstract, shardings)
   else:
     with jax.set_mesh(mesh):

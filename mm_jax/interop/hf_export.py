@@ -33,6 +33,7 @@ from mm_jax.config import Config, ConfigError, ModelConfig
 from mm_jax.interop import hf_chat, hf_import, hf_tokenizer, safetensors_io
 from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
+from mm_jax.models import stack
 from mm_jax.models.multimodal import MultimodalModel
 
 VIDEO_TOKEN = "<video>"
@@ -179,8 +180,12 @@ def _check_roundtrip(cfg: ModelConfig, hf: dict, path: str) -> None:
 
 def write_weights(model: MultimodalModel, cfg: ModelConfig, out: str, dtype: np.dtype,
                   max_shard_bytes: int) -> list[str]:
-  """Safetensors shards, one tensor gathered to this host at a time."""
-  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  """Safetensors shards, one tensor gathered to this host at a time (a scanned stack's
+  layer is sliced on its devices first, so only that layer's tensor ever moves)."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  params = {p: (lambda v=v: v.get_value()) for p, v in flat}
+  params.update({p: (lambda v=params[s], i=i: v()[i])
+                 for p, (s, i) in stack.layer_index(flat).items()})
   rules = {r.hf: r for r in export_rules(cfg)}
   missing = sorted(hm.path_str(r.path) for r in rules.values() if r.path not in params)
   if missing:
@@ -193,7 +198,7 @@ def write_weights(model: MultimodalModel, cfg: ModelConfig, out: str, dtype: np.
 
   def fetch(key: str) -> np.ndarray:
     r = rules[key]
-    x = r.to_hf(np.asarray(jax.device_get(params[r.path].get_value()), np.float32))
+    x = r.to_hf(np.asarray(jax.device_get(params[r.path]()), np.float32))
     if key in hm.VOCAB_ROWS and rows > x.shape[0]:
       x = np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
     return x.astype(dtype)

@@ -35,6 +35,7 @@ from mm_jax.interop import hf_config as hc
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop import video_mapping
 from mm_jax.interop.safetensors_io import SafetensorsFolder
+from mm_jax.models import stack
 
 # ----------------------------------------------------------------------------- config.json
 
@@ -396,11 +397,32 @@ def init_from_hf(init: InitConfig, cfg: ModelConfig,
     return list(trees)
   flats = [dict(nnx.to_flat_state(t)) for t in trees]
   owner = {path: flat for flat in flats for path in flat}
+  # A scanned stack's leaf [L, ...] takes its L layers' tensors: they are read one after
+  # another (rules reordered), so one stacked leaf at most is ever held on the host.
+  layer = stack.layer_index((p, v) for flat in flats for p, v in flat.items())
+  pending: dict[hm.Path, list] = {}
   for src in srcs:
-    for path, rule, x in tensors(src):
-      if path not in owner:
+    where = lambda r: layer.get(r.path, (r.path, 0))  # (leaf, layer)
+    first: dict[hm.Path, int] = {}
+    for r in src.rules:
+      first.setdefault(where(r)[0], len(first))
+    rules = sorted(src.rules, key=lambda r: (first[where(r)[0]], where(r)[1]))
+    for path, rule, x in tensors(dataclasses.replace(src, rules=tuple(rules))):
+      target, i = layer.get(path, (path, None))
+      if target not in owner:
         raise ValueError(f"{rule.hf} ({src.folder}): the model has no parameter "
                          f"{hm.path_str(path)}")
-      var = owner[path][path]
-      owner[path][path] = var.replace(_sharded(x, var.get_value()))
+      var = owner[target][target]
+      if i is None:
+        owner[target][target] = var.replace(_sharded(x, var.get_value()))
+        continue
+      parts = pending.setdefault(target, [None] * var.shape[0])
+      parts[i] = x
+      if all(p is not None for p in parts):
+        owner[target][target] = var.replace(_sharded(np.stack(parts), var.get_value()))
+        del pending[target]
+  if pending:  # a folder gave some layers of a stack only (a config check should stop it)
+    target = next(iter(pending))
+    raise ValueError(f"{hm.path_str(target)}: the folders give layers "
+                     f"{[i for i, p in enumerate(pending[target]) if p is not None]} only")
   return [nnx.from_flat_state(list(flat.items())) for flat in flats]

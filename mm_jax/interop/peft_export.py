@@ -42,6 +42,7 @@ from flax import nnx
 from mm_jax.config import Config, ConfigError, DecoderConfig, LoraConfig
 from mm_jax.interop import hf_export, safetensors_io
 from mm_jax.interop import hf_mapping as hm
+from mm_jax.models import stack
 from mm_jax.models.layers import Dense
 from mm_jax.train.optim import frozen_filter
 
@@ -119,6 +120,8 @@ def write(model: nnx.Module, rules: Sequence[hm.Rule], lora: LoraConfig, out: st
   """Writes the PEFT folder `out` for `model`'s adapters (HF keys from `rules`); `rows`
   grows the vocabulary dims to the exported V' with zero rows. Returns the files."""
   by_path = {r.path: r for r in rules}
+  if stack.stacks(model):  # PEFT names modules per layer: read an unrolled copy's
+    model = stack.unroll(nnx.clone(model))
   adapters = _adapters(model, by_path, lora)
   saved = _saved_modules(model, rules, freeze, list(adapters))
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))

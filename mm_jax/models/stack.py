@@ -173,3 +173,85 @@ def unstack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
   return out
 
 
+
+
+def layer_index(paths: Iterable[tuple[tuple, Any]]) -> dict[tuple, tuple[tuple, int]]:
+  """{layer path: (stacked path, i)} for the stacked entries of (path, leaf) pairs (leaf:
+  anything with a shape, [L, ...]); a model's per-layer spelling of its stacked leaves."""
+  out = {}
+  for path, leaf in paths:
+    if split_path(path) is not None:
+      for i, p in enumerate(layer_paths(path, int(np.shape(leaf)[0]))):
+        out[p] = (path, i)
+  return out
+
+
+def layer_filter(match: Callable[[str], bool], where: str, path_str: Callable[[tuple], str]
+                 ) -> Callable[[tuple, Any], bool]:
+  """An nnx filter `(path, var) -> bool` that applies `match` to layer paths: a stacked
+  Variable matches when all its layers do, and a pattern that picks some layers of a stack
+  but not others is a ConfigError naming `where` (a stack trains or freezes as one)."""
+  from mm_jax.config import ConfigError
+
+  def filt(path, var) -> bool:
+    if split_path(path) is None:
+      return match(path_str(path))
+    hits = [match(path_str(p)) for p in layer_paths(path, int(np.shape(var)[0]))]
+    if all(hits) or not any(hits):
+      return hits[0]
+    stack, _ = split_path(path)
+    raise ConfigError(f"{where}: picks layers {[i for i, h in enumerate(hits) if h]} of "
+                      f"{path_str(stack)} but not the rest; its layers are one scanned stack "
+                      "(set config.model.scan_layers=False to treat layers apart)")
+  return filt
+
+
+def _child(module: Any, key: Any) -> Any:
+  return module[key] if isinstance(key, int) else getattr(module, key)
+
+
+def stacks(model: nnx.Module) -> list[tuple[tuple, Stack]]:
+  """(path, Stack) for every Stack of `model`."""
+  return [(tuple(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, Stack)]
+
+
+def surgery(model: nnx.Module, fn: Callable[[tuple, nnx.Module], None]) -> None:
+  """Calls fn(layer path, module) for every module of `model` in `nnx.iter_modules` order,
+  each Stack's layers unstacked (at their layer paths, in layer order) and restacked after,
+  so `fn` may change a block's structure as long as it changes every layer alike. Raises
+  ValueError naming the stack when the layers come out different."""
+  found = stacks(model)
+  inside = lambda p: any(p[:len(s) + 1] == (*s, BLOCK) for s, _ in found)
+  for path, module in list(nnx.iter_modules(model)):
+    path = tuple(path)
+    if inside(path):
+      continue
+    if not isinstance(module, Stack):
+      fn(path, module)
+      continue
+    blocks = module.unstack()
+    for i, block in enumerate(blocks):
+      for sub, m in list(nnx.iter_modules(block)):
+        fn((*path, i, *sub), m)
+    try:
+      module.restack(blocks)
+    except ValueError as e:
+      raise ValueError(f"{'/'.join(map(str, path))}: {e}") from None
+
+
+def unroll(model: nnx.Module) -> nnx.Module:
+  """Replaces every Stack of `model` in place by an nnx.List of its layers (copies): the
+  unrolled model, with the unrolled paths. Returns `model`."""
+  for path, s in stacks(model):
+    parent = model
+    for k in path[:-1]:
+      parent = _child(parent, k)
+    setattr(parent, path[-1], nnx.List(s.unstack()))
+  return model
+
+
+def layer_path_set(pairs: Iterable[tuple[tuple, Any]]) -> set[tuple]:
+  """The layer paths of (path, leaf) pairs: stacked leaves stand for L paths each."""
+  pairs = list(pairs)
+  stacked = layer_index(pairs)
+  return {tuple(p) for p, _ in pairs if split_path(p) is None} | set(stacked)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mm_jax.config import Config, ConfigError
-from mm_jax.models import quant
+from mm_jax.models import quant, stack
 
 
 def saves_base(cfg: Config) -> bool:
@@ -97,9 +97,11 @@ def quantize_frozen(fp_frozen: nnx.State, abstract: nnx.State, shardings: nnx.St
     kernel = fp[module + ("kernel",)][...]
     n_in = kernel.ndim - var.ndim + 1
     scale_path = module + ("kernel_scale",)
-    fn = jax.jit(functools.partial(quant.quantize, n_in=n_in, qtype=cfg.lora.base_qtype,
-                                   block=cfg.lora.block_size),
-                 out_shardings=(sh[path].get_value(), sh[scale_path].get_value()))
+    fn = functools.partial(quant.quantize, n_in=n_in, qtype=cfg.lora.base_qtype,
+                           block=cfg.lora.block_size)
+    if stack.split_path(path) is not None:  # [L, ...] (n_in counts the same either way)
+      fn = jax.vmap(fn)
+    fn = jax.jit(fn, out_shardings=(sh[path].get_value(), sh[scale_path].get_value()))
     codes, scales = fn(kernel)
     kernel.delete()
     out.append((path, var.replace(codes)))

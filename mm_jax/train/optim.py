@@ -13,6 +13,7 @@ import jax
 import optax
 
 from mm_jax.config import OptimConfig
+from mm_jax.models import stack
 
 
 def path_str(path: Sequence) -> str:
@@ -21,9 +22,12 @@ def path_str(path: Sequence) -> str:
 
 
 def frozen_filter(patterns: Sequence[str]):
-  """nnx filter: true for parameters whose path matches any freeze regex."""
+  """nnx filter: true for parameters whose path matches any freeze regex. Patterns see
+  layer paths ("decoder/layers/3/up/kernel") in either layout: a scanned stack's
+  parameter is frozen when every layer's path matches (models/stack.py)."""
   compiled = [re.compile(p) for p in patterns]
-  return lambda path, _: any(c.search(path_str(path)) for c in compiled)
+  return stack.layer_filter(lambda path: any(c.search(path) for c in compiled),
+                            "config.optim.freeze", path_str)
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

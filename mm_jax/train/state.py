@@ -18,7 +18,7 @@ from flax import nnx
 from mm_jax import sharding
 from mm_jax.config import Config
 from mm_jax.interop import hf_import
-from mm_jax.models import lora, quant
+from mm_jax.models import lora, quant, stack
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
 from mm_jax.train import base, optim
 from mm_jax.train.checkpoint import Checkpointer, restore_target
@@ -109,8 +109,8 @@ def initialise(built: Built, cfg: Config | None = None) -> TrainState:
     return random_init(built)
   if cfg.lora.base_qtype != "none":
     return _initialise_quantised(built, cfg)
-  paths = {p for tree in (built.abstract.params, built.abstract.frozen)
-           for p, _ in nnx.to_flat_state(tree)}
+  paths = stack.layer_path_set(pair for tree in (built.abstract.params, built.abstract.frozen)
+                               for pair in nnx.to_flat_state(tree))
   if paths <= hf_import.covered(cfg.init, cfg.model):
     state = restore_target(built.abstract, built.shardings)
   else:
