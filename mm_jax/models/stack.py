@@ -11,7 +11,7 @@ Paths. A stacked Variable lives at `<stack>/scan/<rest>` with shape [L, ...]; th
 *layer path* of its layer i is `<stack>/<i>/<rest>`, exactly the path the unrolled model
 (an `nnx.List` of blocks) gives. Everything that speaks in per-layer paths (HF import and
 export, PEFT, freeze and LoRA regexes) goes through `layer_paths` / `unstack_flat` /
-`stack_flat`, so it works on both layouts unchanged.
+`layer_index` / `layer_filter`, so it works on both layouts unchanged.
 
 Construction-time surgery that changes a block's structure (LoRA adapters, quantising a
 base kernel, merging adapters) runs on `unstack()`'s per-layer blocks, then `restack()`s.
@@ -171,8 +171,6 @@ def unstack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
     for i, p in enumerate(layer_paths(path, np.shape(x)[0])):
       out[p] = x[i]
   return out
-
-
 
 
 def layer_index(paths: Iterable[tuple[tuple, Any]]) -> dict[tuple, tuple[tuple, int]]:
