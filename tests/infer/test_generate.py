@@ -4,6 +4,8 @@ a random small LLaVA (float32, one and two images)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from flax import nnx
 from mm_jax import config as config_lib
 from mm_jax.infer.generate import Decoding, Generator, left_pad
 from mm_jax.models.multimodal import MultimodalModel
+from mm_jax.models.stack import Stack
 
 TINY = config_lib.ModelConfig(
     vision=config_lib.VisionConfig(image_size=16, patch_size=4, width=32, depth=2, heads=4,
@@ -148,3 +151,16 @@ def test_greedy_matches_transformers_generate():
       [len(g) for g in got] == [len(w) for w in want], (got, want)
   assert all(len(set(w)) > 3 for w in want), ("degenerate reference", want)
 
+
+
+def test_greedy_generation_through_a_scanned_stack_equals_unrolled():
+  """model.scan_layers: one [L, B, S, K, H] cache scanned with the layers gives the ids
+  the unrolled model's per-layer caches give, prompts of different lengths batched."""
+  rng = np.random.default_rng(3)
+  prompts = [prompt(rng, [2, "I", 3]), prompt(rng, [5, "I", 1])]
+  batch = batch_for(prompts, images(2, 16), [True, True])
+  decoding = Decoding(max_new_tokens=6, stop_ids=())
+  want = Generator(model(), decoding)(batch)
+  scanned = model(dataclasses.replace(TINY, scan_layers=True))
+  assert isinstance(scanned.decoder.layers, Stack)
+  assert Generator(scanned, decoding)(batch) == want

@@ -28,6 +28,7 @@ from mm_jax.data import pipeline
 from mm_jax.interop import hf, hf_export
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop import safetensors_io as sio
+from mm_jax.models import stack
 from mm_jax.train import loop
 from mm_jax.train import state as state_lib
 from mm_jax.train import workdir as workdir_lib
@@ -42,12 +43,15 @@ def hf_logits(model, tokens: np.ndarray, pixels: np.ndarray) -> np.ndarray:
                  pixel_values=torch.from_numpy(pixels)).logits.numpy()
 
 
-def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path, scan):
+  """scanned: model.scan_layers, the layers imported into [L, ...] stacks, checkpointed in
+  that layout and exported back layer by layer."""
   ref = llava_hf("clip", "default")
   folder = save_hf(ref, tmp_path / "hf", max_shard_size="100KB")  # sharded, with an index
   assert os.path.isfile(os.path.join(folder, sio.INDEX))
   cfg = llava_cfg(ref, **{"mesh.data": 1, "mesh.fsdp": 2, "init.llava_from_hf": folder,
-                          "checkpoint.async_save": False})
+                          "checkpoint.async_save": False, "model.scan_layers": scan})
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])  # restored onto 8 by the export
   built = state_lib.build(cfg, mesh)
   with jax.set_mesh(mesh):  # what loop.train does when it starts fresh
@@ -56,7 +60,11 @@ def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path):
   shardings = leaves(built.shardings.params)
   for path, var in leaves(state.params).items():
     assert var.get_value().sharding == shardings[path].get_value(), hm.path_str(path)
-    np.testing.assert_array_equal(np.asarray(var.get_value()), want[path])
+  got = stack.unstack_flat({p: np.asarray(v.get_value())
+                            for p, v in leaves(state.params).items()})
+  assert (len(got) > len(leaves(state.params))) == scan  # stacked leaves stand for L layers
+  for path, value in got.items():
+    np.testing.assert_array_equal(value, want[path], err_msg=hm.path_str(path))
 
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   workdir_lib.write_config(cfg, workdir)

@@ -66,10 +66,17 @@ def assert_adapters_matter(base: np.ndarray, ours: np.ndarray) -> None:
   assert np.abs(base - ours).max() > 100 * TOL * np.abs(ours).max()
 
 
-def test_cli_exports_merged_weights_and_peft_adapters_of_a_lora_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_cli_exports_merged_weights_and_peft_adapters_of_a_lora_run(tmp_path, monkeypatch,
+                                                                    scan):
+  """scanned: model.scan_layers, adapters stacked [L, ...] (a stack adapts all its layers
+  or none, so every vision block is a target) and exported layer by layer."""
   ref = llava_hf("clip", "default")
   folder = save_hf(ref, tmp_path / "hf")
-  cfg = llava_cfg(ref, **LORA, **FREEZE, **{"init.llava_from_hf": folder})
+  blocks = r"\d+" if scan else "1"
+  targets = (TARGETS[0], rf"^towers/image/blocks/{blocks}/(q|o)$")
+  cfg = llava_cfg(ref, **{**LORA, **FREEZE, "init.llava_from_hf": folder,
+                          "lora.targets": targets, "model.scan_layers": scan})
   model = lora.apply(hf.load_model(cfg, sharding.make_mesh(cfg.mesh)), cfg.lora, 0)
   randomize_adapters(model)
   model.projectors["image"].fc1.bias[...] += 0.5  # the projector trained too
@@ -94,7 +101,8 @@ def test_cli_exports_merged_weights_and_peft_adapters_of_a_lora_run(tmp_path, mo
   layers = [f"model.language_model.layers.{i}.{m}" for i in range(2)
             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-  vision = [f"model.vision_tower.encoder.layers.1.self_attn.{m}" for m in ("q_proj", "out_proj")]
+  vision = [f"model.vision_tower.encoder.layers.{i}.self_attn.{m}" for m in ("q_proj", "out_proj")
+            for i in (range(cfg.model.vision.depth) if scan else [1])]
   assert config["target_modules"] == sorted(layers + vision)
   assert config["modules_to_save"] == ["model.multi_modal_projector.linear_1",
                                        "model.multi_modal_projector.linear_2"]

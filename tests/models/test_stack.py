@@ -2,8 +2,9 @@
 
 Both layouts draw the same parameters from the same seed (a Stack builds its blocks in
 order, then stacks them), so every comparison is between two builds of one model: loss and
-gradients under each remat mode, LLaVA and MIMO (vision, audio towers and the decoder),
-and greedy generation through the stacked KV cache."""
+gradients under each remat mode, LLaVA and MIMO (vision, audio towers and the decoder).
+Generation through the stacked KV cache: tests/infer/test_generate.py; adapters and
+patterns on stacks: tests/train/test_lora.py; HF export: tests/interop/test_hf_export.py."""
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +97,4 @@ def test_vision_hidden_states_equal_unrolled():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(scanned(images), _model(cfg).towers["image"](images),
                              rtol=1e-5, atol=1e-5)
+

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import llava
 from mm_jax import sharding
+from mm_jax.config import ConfigError
 from mm_jax.data import pipeline
 from mm_jax.models import lora
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
@@ -164,3 +165,35 @@ def test_lora_stages_and_errors(preset):
   assert lora_config("finetune_qlora", preset=preset).lora.base_qtype == "nf4"
   with pytest.raises(ValueError, match=r"config\.lora\.targets\[0\]"):
     lora_config(preset=preset, **{"lora.targets": ("(",)})
+
+
+@pytest.mark.parametrize("stage", ["finetune_qlora"])  # LoRA, a quantised base, dropout
+def test_scanned_adapters_train_like_unrolled_and_shard_with_a_layers_dim(stage):
+  """model.scan_layers: adapters (and a quantised base) are stacked [L, ...] like their
+  kernels, their dropout keys follow the layer paths, and two steps on a (2, 2, 2) mesh lose
+  what the unrolled model loses on one device."""
+  want, _, _, _ = losses_on_mesh(lora_config(stage, **SMALL, **{"mesh.data": 1}),
+                                 jax.devices()[:1], 2)
+  cfg = lora_config(stage, **SMALL, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                       "model.scan_layers": True})
+  got, state, _, _ = losses_on_mesh(cfg, jax.devices()[:8], 2)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  params, frozen = flat(state.params), flat(state.frozen)
+  for name in params:
+    assert name.startswith("projectors/") or name.endswith(("/lora_a", "/lora_b")), name
+  depth = cfg.model.decoder.depth
+  assert params["decoder/layers/scan/q/lora_b"].shape[0] == depth
+  assert params["decoder/layers/scan/q/lora_a"].sharding.spec == P(None, "fsdp", None)
+  kernel = "kernel_nf4" if stage == "finetune_qlora" else "kernel"
+  assert frozen[f"decoder/layers/scan/gate/{kernel}"].sharding.spec == P(None, "fsdp", "tensor")
+  assert "towers/image/blocks/scan/fc1/kernel" in frozen
+
+
+@pytest.mark.parametrize("key,value,error", [
+    ("lora.targets", (r"^decoder/layers/0/q$",), "adapt only some layers"),
+    ("optim.freeze", (r"^towers/", r"^decoder/layers/1/"), "picks layers \\[1\\]"),
+])
+def test_a_pattern_that_splits_a_scanned_stack_is_a_config_error(key, value, error):
+  cfg = lora_config(**{"model.scan_layers": True, key: value})
+  with pytest.raises(ConfigError, match=error):
+    state_lib.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
