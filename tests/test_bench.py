@@ -22,6 +22,15 @@ def test_data_bench_smoke():
   assert len(table_rows(r.stdout)) >= 2 and "error" not in r.stdout, r.stdout
 
 
+def test_compile_bench_smoke():
+  """bench/compile.py --smoke: both layouts at two depths, one table row each."""
+  r = subprocess.run([sys.executable, "bench/compile.py", "--smoke"], cwd=ROOT, env=ENV,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = table_rows(r.stdout)[2:]
+  assert [row.split("|")[1].strip() for row in rows] == ["unrolled"] * 2 + ["scanned"] * 2
+
+
 def test_gpu_script_smoke(tmp_path):
   """bench/gpu.sh --smoke: every GPU benchmark on tiny shapes, one log each in $OUT, and a
   summary with every step's exit code (python3 is this interpreter, as on the device)."""

@@ -39,10 +39,10 @@ class Plan:
     return self.argument + self.output + self.temp - self.alias
 
 
-def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Plan:
-  """Lowers and compiles the train step for `mesh` from abstract shapes (nothing is
-  allocated) and returns XLA's per-device memory analysis. `built`: the state_lib.build of
-  `cfg` on `mesh`, when the caller has it."""
+def lower_train_step(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> jax.stages.Lowered:
+  """The train step as `loop.train` jits it, lowered for `mesh` from abstract shapes
+  (nothing is allocated). `built`: the state_lib.build of `cfg` on `mesh`, when the caller
+  has it."""
   from mm_jax.train import loop
   from mm_jax.train import state as state_lib
 
@@ -54,7 +54,14 @@ def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Plan:
   fn = loop.jit_train_step(built, loop.batch_shardings(mesh, spec, b),
                            sharding.batch_sharding(mesh, 1))
   with jax.set_mesh(mesh):
-    m = fn.lower(built.abstract, batch, stop).compile().memory_analysis()
+    return fn.lower(built.abstract, batch, stop)
+
+
+def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Plan:
+  """Compiles `lower_train_step` and returns XLA's per-device memory analysis."""
+  lowered = lower_train_step(cfg, mesh, built)
+  with jax.set_mesh(mesh):
+    m = lowered.compile().memory_analysis()
   return Plan(mesh.size, m.argument_size_in_bytes, m.output_size_in_bytes,
               m.temp_size_in_bytes, m.alias_size_in_bytes)
 

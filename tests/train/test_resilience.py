@@ -120,15 +120,22 @@ def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(trained, tmp_pat
     loop.train(_cfg(**{"train.steps": 10}), workdir)  # and again: never from scratch
 
 
-def test_a_changed_model_is_refused_naming_the_parameter_and_the_key(trained, tmp_path):
+@pytest.mark.parametrize("key,value,what", [
+    ("model.decoder.mlp_dim", 384, "in the checkpoint"),
+    # The other layout: [L, ...] stacks where the checkpoint has one array per layer.
+    ("model.scan_layers", True, "is not in the checkpoint"),
+])
+def test_a_changed_model_is_refused_naming_the_parameter_and_the_key(trained, tmp_path, key,
+                                                                      value, what):
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
   with pytest.raises(ConfigError) as e:
-    loop.train(_cfg(**{"train.steps": 10, "model.decoder.mlp_dim": 384}), workdir)
+    loop.train(_cfg(**{"train.steps": 10, key: value}), workdir)
   message = str(e.value)
   assert "\n" not in message
-  assert "resume from step 10" in message and "in the checkpoint" in message and "now" in message
-  assert "config.model.decoder.mlp_dim: 256 -> 384" in message
+  assert "resume from step 10" in message and what in message
+  old = {"model.decoder.mlp_dim": 256, "model.scan_layers": False}[key]
+  assert f"config.{key}: {old} -> {value}" in message
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]  # untouched
 
 
