@@ -152,7 +152,6 @@ def test_greedy_matches_transformers_generate():
   assert all(len(set(w)) > 3 for w in want), ("degenerate reference", want)
 
 
-
 def test_greedy_generation_through_a_scanned_stack_equals_unrolled():
   """model.scan_layers: one [L, B, S, K, H] cache scanned with the layers gives the ids
   the unrolled model's per-layer caches give, prompts of different lengths batched."""

@@ -97,4 +97,3 @@ def test_vision_hidden_states_equal_unrolled():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(scanned(images), _model(cfg).towers["image"](images),
                              rtol=1e-5, atol=1e-5)
-

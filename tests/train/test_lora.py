@@ -167,11 +167,11 @@ def test_lora_stages_and_errors(preset):
     lora_config(preset=preset, **{"lora.targets": ("(",)})
 
 
-@pytest.mark.parametrize("stage", ["finetune_qlora"])  # LoRA, a quantised base, dropout
-def test_scanned_adapters_train_like_unrolled_and_shard_with_a_layers_dim(stage):
+def test_scanned_adapters_train_like_unrolled_and_shard_with_a_layers_dim():
   """model.scan_layers: adapters (and a quantised base) are stacked [L, ...] like their
   kernels, their dropout keys follow the layer paths, and two steps on a (2, 2, 2) mesh lose
-  what the unrolled model loses on one device."""
+  what the unrolled model loses on one device. QLoRA: LoRA, a quantised base and dropout."""
+  stage = "finetune_qlora"
   want, _, _, _ = losses_on_mesh(lora_config(stage, **SMALL, **{"mesh.data": 1}),
                                  jax.devices()[:1], 2)
   cfg = lora_config(stage, **SMALL, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
@@ -184,8 +184,7 @@ def test_scanned_adapters_train_like_unrolled_and_shard_with_a_layers_dim(stage)
   depth = cfg.model.decoder.depth
   assert params["decoder/layers/scan/q/lora_b"].shape[0] == depth
   assert params["decoder/layers/scan/q/lora_a"].sharding.spec == P(None, "fsdp", None)
-  kernel = "kernel_nf4" if stage == "finetune_qlora" else "kernel"
-  assert frozen[f"decoder/layers/scan/gate/{kernel}"].sharding.spec == P(None, "fsdp", "tensor")
+  assert frozen["decoder/layers/scan/gate/kernel_nf4"].sharding.spec == P(None, "fsdp", "tensor")
   assert "towers/image/blocks/scan/fc1/kernel" in frozen
 
 
