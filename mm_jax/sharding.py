@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from mm_jax.config import ConfigError, MeshConfig
@@ -49,7 +50,12 @@ _RULES = dict(RULES)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Mesh with axes (data, fsdp, tensor); a -1 size takes the remaining devices."""
+  """Mesh with axes (data, fsdp, tensor); a -1 size takes the remaining devices.
+
+  `devices`: the local ones by default, or a TPU/GPU topology's (mm_jax/aot.py). Devices of
+  several TPU slices (multislice) get a hybrid mesh: `data` spans the slices over the
+  data-centre network, everything else stays inside a slice on its ICI links.
+  """
   devices = list(devices if devices is not None else jax.devices())
   shape = list(cfg.shape)
   known = int(np.prod([s for s in shape if s != -1]))
@@ -61,8 +67,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> j
   if int(np.prod(shape)) != len(devices):
     raise ConfigError(f"config.mesh: shape {tuple(shape)} needs {int(np.prod(shape))} "
                       f"devices, have {len(devices)}; set one size to -1 to take the rest")
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    if shape[0] % slices:
+      raise ConfigError(f"config.mesh.data: {shape[0]} is not a multiple of the {slices} "
+                        "slices (multislice runs data parallelism across slices)")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+        allow_split_physical_axes=True)
+  else:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int],

@@ -30,8 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mm_jax import target
 from mm_jax.kernels import attention_mgpu, compat
-from mm_jax.kernels.compat import dot, interpret_for, pl, platform, tpu_params, triton_params
+from mm_jax.kernels.compat import dot, interpret_for, pl, tpu_params, triton_params
 
 MASK = -1e30  # finite, so fully masked rows never produce inf - inf = NaN
 Q_PAD, KV_PAD = -1, -2  # segment ids of padding rows: they match nothing
@@ -230,7 +231,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
 def _params(interpret: bool, n_grid: int):
   if interpret:
     return None
-  if platform() == "tpu":
+  if target.current().platform == "tpu":
     return tpu_params(*(("parallel",) * n_grid))
   return triton_params(num_warps=4, num_stages=2)
 
@@ -387,26 +388,29 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError("flash_attention: segment_ids need self-attention (T == S)")
   seg = (jnp.zeros((b, max(t, s)), jnp.int32) if segment_ids is None
          else segment_ids.astype(jnp.int32))
-  on_tpu = platform() == "tpu" and not interpret_for(interpret)
-  bs = BlockSizes.for_lengths(t, s, block_sizes or BlockSizes.default(platform()),
+  tgt, interpret = target.current(), interpret_for(interpret)
+  on_tpu = tgt.platform == "tpu" and not interpret
+  bs = BlockSizes.for_lengths(t, s, block_sizes or BlockSizes.default(tgt.platform),
                               floor=128 if on_tpu else 16)
   scale = float(h**-0.5 if scale is None else scale)
   if not math.isfinite(scale):
     raise ValueError(f"flash_attention: bad scale {scale}")
-  if platform() == "gpu" and not interpret_for(interpret) and _use_mosaic_gpu(q, k, v):
+  if tgt.platform == "gpu" and not interpret and mosaic_gpu_refusal(q, k, v, causal, tgt) is None:
     return attention_mgpu.mgpu_attention(q, k, v, seg, causal=causal, scale=scale,
                                          has_segments=segment_ids is not None)
-  return _flash(q, k, v, seg, causal, scale, bs, interpret_for(interpret))
+  return _flash(q, k, v, seg, causal, scale, bs, interpret)
 
 
-def _use_mosaic_gpu(q, k, v) -> bool:
-  """Hopper kernels when the device, dtypes, head dim and jax's plgpu API allow."""
-  cap = compat.gpu_capability()
+def mosaic_gpu_refusal(q, k, v, causal: bool, tgt: target.Target) -> str | None:
+  """Why the Hopper kernels do not run these inputs on `tgt` (logged once; None: they do):
+  the compute capability, dtypes, head dim, jax's plgpu API, or a ptxas known to
+  miscompile causal masking."""
+  cap = tgt.capability
   reason = (f"compute capability {cap} < 9.0" if cap is None or cap < (9, 0)
-            else attention_mgpu.unsupported(q, k, v))
+            else attention_mgpu.unsupported(q, k, v) or compat.mgpu_causal_refused(causal))
   if reason:
     _log_fallback(reason)
-  return reason is None
+  return reason
 
 
 @functools.cache

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl  # noqa: F401  (re-exported)
 from jax.experimental.pallas import tpu as pltpu  # noqa: F401
 
+from mm_jax import target
+
 try:  # jax >= 0.6: Triton compiler params live in pallas.triton.
   from jax.experimental.pallas import triton as _pltriton
 
@@ -27,13 +29,10 @@ def tpu_params(*semantics: str):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def platform() -> str:
-  return jax.default_backend()
-
-
 def interpret_for(interpret: bool | None) -> bool:
-  """`interpret=None` means: interpret on CPU, compile on GPU and TPU."""
-  return platform() == "cpu" if interpret is None else interpret
+  """`interpret=None` means: interpret when the compile target is CPU, compile for GPU and
+  TPU (mm_jax/target.py; never the host's backend)."""
+  return target.current().interpret if interpret is None else interpret
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
@@ -68,14 +67,28 @@ def mosaic_gpu_missing() -> str | None:
   return None
 
 
-def gpu_capability() -> tuple[int, int] | None:
-  """(major, minor) CUDA compute capability of the first device; None off CUDA."""
-  dev = jax.devices()[0]
-  cap = getattr(dev, "compute_capability", None)
-  if dev.platform != "gpu" or not cap:
+def cuda_runtime_version() -> int | None:
+  """CUDA runtime version of the installed jax CUDA plugin (12090 = 12.9.0), whose ptxas
+  compiles Mosaic GPU kernels; None without the plugin."""
+  try:
+    from jax._src.lib import cuda_versions
+  except ImportError:  # pragma: no cover
     return None
-  major, minor = str(cap).split(".")[:2]
-  return int(major), int(minor)
+  return cuda_versions.cuda_runtime_get_version() if cuda_versions is not None else None
+
+
+# jax's own Mosaic GPU attention refuses causal masking for these runtimes: their ptxas
+# miscompiles it (jax/experimental/pallas/ops/gpu/attention_mgpu.py). Ours is guarded alike.
+PTXAS_CAUSAL_BUG = (12080, 12091)
+
+
+def mgpu_causal_refused(causal: bool) -> str | None:
+  """Why causal Mosaic GPU kernels must not be compiled with this CUDA (None: they may)."""
+  version = cuda_runtime_version()
+  if causal and version is not None and PTXAS_CAUSAL_BUG[0] <= version < PTXAS_CAUSAL_BUG[1]:
+    return (f"CUDA {version // 1000}.{version % 1000 // 10}: ptxas miscompiles causal "
+            "masking in Mosaic GPU kernels (12.8.0 to 12.9.0; jax refuses it too)")
+  return None
 
 
 def mgpu_params():

@@ -21,7 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mm_jax.kernels.compat import interpret_for, pl, platform, pltpu, triton_params
+from mm_jax import target
+from mm_jax.kernels.compat import interpret_for, pl, pltpu, triton_params
 
 ROWS = 8  # media rows per grid step
 
@@ -75,46 +76,103 @@ def _take_rows_kernel(dest_ref, src_ref, out_ref):
     out_ref[pl.ds(r, 1), :] = jnp.where(d >= 0, row, jnp.zeros_like(row))
 
 
-def _put_rows_tpu_kernel(dest_ref, src_ref, base_ref, out_ref, sem):
+def _packing(dtype) -> int:
+  """Rows per 32-bit TPU sublane: 1 for float32, 2 for bf16/fp16. Mosaic tiles 16-bit HBM
+  arrays (8, 128)(2, 1), a row pair per 32-bit word, so a DMA moves whole pairs only."""
+  return max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def _pair_start(d, pack: int):
+  # lax.rem, not %: floor modulo lowers through `sign`, which Mosaic resolves per chip.
+  return pl.multiple_of(d - jax.lax.rem(d, pack), pack)
+
+
+def _dma(src, dst, sem):
+  copy = pltpu.make_async_copy(src, dst, sem)
+  copy.start()
+  copy.wait()
+
+
+def _put_rows_tpu_kernel(dest_ref, src_ref, base_ref, out_ref, buf_ref, sem, *, pack):
+  """out[dest[r]] = src[r] by DMA. 16-bit rows: read the row's pair, replace the row in
+  VMEM, write the pair back (one row at a time: two media rows may share a pair)."""
   del base_ref
   i = pl.program_id(0)
+  src = src_ref[...].astype(jnp.float32) if pack > 1 else None
   for r in range(ROWS):
     d = dest_ref[i * ROWS + r]
 
     @pl.when(d >= 0)
     def _(r=r, d=d):
-      copy = pltpu.make_async_copy(src_ref.at[pl.ds(r, 1)], out_ref.at[pl.ds(d, 1)], sem)
-      copy.start()
-      copy.wait()
+      if pack == 1:
+        _dma(src_ref.at[pl.ds(r, 1)], out_ref.at[pl.ds(d, 1)], sem)
+        return
+      start = _pair_start(d, pack)
+      window = out_ref.at[pl.ds(start, pack)]
+      _dma(window, buf_ref, sem)
+      rows = buf_ref[...].astype(jnp.float32)  # [pack, D]
+      which = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 0) == d - start
+      buf_ref[...] = jnp.where(which, src[r:r + 1], rows).astype(buf_ref.dtype)
+      _dma(buf_ref, window, sem)
 
 
-def _take_rows_tpu_kernel(dest_ref, src_ref, out_ref, sem):
+def _take_rows_tpu_kernel(dest_ref, src_ref, out_ref, bufs_ref, sem, *, pack):
+  """out[r] = src[dest[r]] (0 where dest < 0): every row's DMA (its pair, for 16-bit rows)
+  in flight at once, then one whole-block store."""
   i = pl.program_id(0)
-  for r in range(ROWS):
-    d = dest_ref[i * ROWS + r]
-    out_ref[pl.ds(r, 1), :] = jnp.zeros((1, out_ref.shape[1]), out_ref.dtype)
+  dests = [dest_ref[i * ROWS + r] for r in range(ROWS)]
+  copies = []
+  for r, d in enumerate(dests):
+    start = _pair_start(jnp.maximum(d, 0), pack) if pack > 1 else jnp.maximum(d, 0)
+    copies.append(pltpu.make_async_copy(src_ref.at[pl.ds(start, pack)], bufs_ref.at[r], sem))
 
     @pl.when(d >= 0)
-    def _(r=r, d=d):
-      copy = pltpu.make_async_copy(src_ref.at[pl.ds(d, 1)], out_ref.at[pl.ds(r, 1)], sem)
+    def _(copy=copies[-1]):
       copy.start()
+
+  # All waits before any read: the copies share one semaphore, so a wait proves only that
+  # some copy of that size landed, and all of them only once every started one has.
+  for d, copy in zip(dests, copies, strict=True):
+
+    @pl.when(d >= 0)
+    def _(copy=copy):
       copy.wait()
 
+  shape = (ROWS, out_ref.shape[1])
+  out = jnp.zeros(shape, jnp.float32)
+  row_ids = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  for r, d in enumerate(dests):
+    pair = bufs_ref[r].astype(jnp.float32)  # [pack, D]
+    if pack > 1:
+      which = jax.lax.broadcasted_iota(jnp.int32, pair.shape, 0) == jax.lax.rem(d, pack)
+      pair = jnp.where(which, pair, 0.0).sum(axis=0, keepdims=True)
+    out = jnp.where((row_ids == r) & (d >= 0), pair, out)
+  out_ref[...] = out.astype(out_ref.dtype)
 
-def _put_rows(base, src, dest, *, interpret: bool):
+
+def _tpu(interpret) -> bool:
+  """TPU kernels: compiled for a TPU target, or run by the TPU interpreter (tests pass
+  `pltpu.InterpretParams()` as `interpret`)."""
+  return (target.current().platform == "tpu" and not interpret) or isinstance(
+      interpret, pltpu.InterpretParams)
+
+
+def _put_rows(base, src, dest, *, interpret):
   """base float[R, D] with rows dest[m] replaced by src[m], in place."""
   m_pad, d = src.shape
-  if platform() == "tpu" and not interpret:
+  if _tpu(interpret):
+    pack = _packing(base.dtype)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(m_pad // ROWS,),
         in_specs=[pl.BlockSpec((ROWS, d), lambda i, dest: (i, 0)),
                   pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
-        scratch_shapes=[pltpu.SemaphoreType.DMA(())])
+        scratch_shapes=[pltpu.VMEM((pack, d), base.dtype), pltpu.SemaphoreType.DMA(())])
     return pl.pallas_call(
-        _put_rows_tpu_kernel, grid_spec=spec,
+        functools.partial(_put_rows_tpu_kernel, pack=pack), grid_spec=spec,
         out_shape=jax.ShapeDtypeStruct(base.shape, base.dtype),
-        input_output_aliases={2: 0}, name="merge_put_rows")(dest, src, base)
+        input_output_aliases={2: 0}, interpret=interpret or False,
+        name="merge_put_rows")(dest, src, base)
   dc = _chunk(d)
   return pl.pallas_call(
       _put_rows_kernel, grid=(m_pad // ROWS, d // dc),
@@ -128,17 +186,19 @@ def _put_rows(base, src, dest, *, interpret: bool):
       name="merge_put_rows")(dest, src, base)
 
 
-def _take_rows(src, dest, *, interpret: bool):
+def _take_rows(src, dest, *, interpret):
   """float[M_pad, D]: rows dest[m] of src (0 where dest < 0)."""
   m_pad, d = dest.shape[0], src.shape[1]
   out_shape = jax.ShapeDtypeStruct((m_pad, d), src.dtype)
-  if platform() == "tpu" and not interpret:
+  if _tpu(interpret):
+    pack = _packing(src.dtype)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(m_pad // ROWS,),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((ROWS, d), lambda i, dest: (i, 0)),
-        scratch_shapes=[pltpu.SemaphoreType.DMA(())])
-    return pl.pallas_call(_take_rows_tpu_kernel, grid_spec=spec, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((ROWS, pack, d), src.dtype), pltpu.SemaphoreType.DMA(())])
+    return pl.pallas_call(functools.partial(_take_rows_tpu_kernel, pack=pack), grid_spec=spec,
+                          out_shape=out_shape, interpret=interpret or False,
                           name="merge_take_rows")(dest, src)
   dc = _chunk(d)
   return pl.pallas_call(
@@ -193,13 +253,15 @@ def merge_tokens_pallas(text_emb: jax.Array, media_emb: jax.Array, media_index: 
 
 def merge_tokens(text_emb: jax.Array, media_emb: jax.Array, media_index: jax.Array, *,
                  impl: str = "auto", interpret: bool | None = None) -> jax.Array:
-  """`impl`: xla (where+gather), pallas, or auto (Pallas on GPU/TPU, XLA on CPU).
+  """`impl`: xla (where+gather), pallas, or auto (kernels/choice.py's pick for the target).
 
   XLA cannot partition a Pallas call: under a multi-device mesh call this inside
   shard_map with shard-local `media_index` (as MultimodalModel does).
   """
   if impl == "auto":
-    impl = "xla" if platform() == "cpu" else "pallas"
+    from mm_jax.kernels import choice
+
+    impl = choice.merge(target.current()).impl
   with jax.named_scope(f"merge_tokens_{impl}"):
     if impl == "pallas":
       return merge_tokens_pallas(text_emb, media_emb, media_index, interpret=interpret)

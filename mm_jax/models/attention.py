@@ -14,16 +14,6 @@ from mm_jax import sharding
 from mm_jax.kernels.attention import flash_attention
 
 
-def resolve(impl: str, platform: str | None = None) -> str:
-  """Maps `auto` to a concrete backend for the current platform."""
-  platform = platform or jax.default_backend()
-  if impl == "auto":  # DESIGN.md: Pallas on GPU and TPU, XLA on CPU
-    return "xla" if platform == "cpu" else "pallas"
-  if impl == "cudnn" and platform != "gpu":
-    raise ValueError(f"model.attention=cudnn needs a GPU, this is {platform}")
-  return impl
-
-
 def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
   """bool[B, 1, T, S]: true where query and key belong to the same packed sample."""
   return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
@@ -43,7 +33,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
   mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids)
   with jax.named_scope(f"attention_{impl}"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                        implementation=resolve(impl))
+                                        implementation=impl)
 
 
 def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, *, valid: jax.Array,

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mm_jax import sharding
-from mm_jax.config import ModelConfig
+from mm_jax import sharding, target
+from mm_jax.config import ConfigError, ModelConfig
+from mm_jax.kernels import choice
 from mm_jax.kernels.merge import merge_tokens
-from mm_jax.models import attention
 from mm_jax.models.audio import AudioTower
 from mm_jax.models.audio_projector import AudioProjector
 from mm_jax.models.decoder import Decoder
@@ -172,9 +172,22 @@ class MultimodalModel(nnx.Module):
     return self.decoder.hidden(self.embed(batch), batch["positions"], batch["segment_ids"])
 
 
-def resolve_backends(cfg: ModelConfig) -> ModelConfig:
-  """Replaces `auto` backends by concrete ones for this platform (validated early)."""
-  merge = cfg.merge
+def resolve_backends(cfg: ModelConfig, tgt: target.Target | None = None) -> ModelConfig:
+  """Replaces `auto` backends by the ones kernels/choice.py picks for the compile target
+  (`tgt`, else target.current()); cudnn off a GPU is an error naming the key."""
+  tgt = tgt or target.current()
+  attention_impl, merge = cfg.attention, cfg.merge
+  if attention_impl == "auto":
+    heads = (cfg.decoder.head_size,) + tuple(
+        t.width // t.heads for name, t in (("image", cfg.vision), ("video", cfg.vision),
+                                           ("audio", cfg.audio)) if name in cfg.modalities)
+    picked = choice.attention(tgt, cfg.dtype, heads)
+    choice.log("model.attention", tgt, picked)
+    attention_impl = picked.impl
+  if attention_impl == "cudnn" and tgt.platform != "gpu":
+    raise ConfigError(f"config.model.attention: cudnn needs a GPU target, this is {tgt.name}")
   if merge == "auto":
-    merge = "xla" if jax.default_backend() == "cpu" else "pallas"
-  return dataclasses.replace(cfg, attention=attention.resolve(cfg.attention), merge=merge)
+    picked = choice.merge(tgt)
+    choice.log("model.merge", tgt, picked)
+    merge = picked.impl
+  return dataclasses.replace(cfg, attention=attention_impl, merge=merge)

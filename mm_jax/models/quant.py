@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm_jax import target
+
 QTYPES = ("nf4", "int8")
 
 # The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1] with an exact zero, as
@@ -118,7 +120,7 @@ def _dequantize_after(dep: jax.Array, codes: jax.Array, scales: jax.Array, in_sh
   is NaN for x = inf or NaN: a poisoned input poisons the output either way). Not used
   elsewhere: on a sharded `dep` that one value is a collective per layer and pass.
   """
-  if jax.default_backend() == "cpu":
+  if target.current().platform == "cpu":
     scales = scales + (dep[(0,) * dep.ndim] * 0).astype(scales.dtype)
   else:
     _, codes, scales = jax.lax.optimization_barrier((dep, codes, scales))

@@ -147,7 +147,7 @@ class _Run:
     flops = metrics_lib.flops_per_step(cfg.model, cfg.train.batch_size, self.spec.seq_len,
                                        cfg.train.batch_size * self.spec.images_per_sample,
                                        counts, state_lib.trainable_modules(self.built.abstract))
-    peak = metrics_lib.peak_flops_per_device()
+    peak = metrics_lib.peak_flops_per_device(self.mesh)
     writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)
     speed, window = metrics_lib.Throughput(start, total), _Window(self.goodput, start)
     losses = metrics_lib.LossWindow()

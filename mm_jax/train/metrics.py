@@ -13,21 +13,14 @@ import time
 
 import jax
 
-from mm_jax import paths
+from mm_jax import paths, target
 from mm_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, from vendor data sheets (no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 
-
-def peak_flops_per_device() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
+def peak_flops_per_device(mesh: jax.sharding.Mesh | None = None) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of `mesh` (else a local one), from the chip table
+  in mm_jax/accelerators.py; None where unknown (CPU)."""
+  return (target.Target.of_mesh(mesh) if mesh is not None else target.local()).peak_flops
 
 
 def flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, images: int,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mm_jax import sharding
+from mm_jax import sharding, target
 from mm_jax.config import Config
 from mm_jax.interop import hf_import
 from mm_jax.models import lora, quant, stack
@@ -42,7 +42,7 @@ def _split(model: MultimodalModel, freeze: tuple[str, ...]):
 
 
 def build(cfg: Config, mesh: jax.sharding.Mesh) -> Built:
-  model_cfg = resolve_backends(cfg.model)
+  model_cfg = resolve_backends(cfg.model, target.Target.of_mesh(mesh))
   make_model = lambda: lora.apply(MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed)),
                                   cfg.lora, cfg.train.seed)
   graphdef, _, _ = _split(nnx.eval_shape(make_model), cfg.optim.freeze)
@@ -82,7 +82,8 @@ def random_init(built: Built) -> TrainState:
   leaves, treedef = jax.tree.flatten(built.abstract)
   shards = treedef.flatten_up_to(built.shardings)
   local = [_init_bytes(x, s) for x, s in zip(leaves, shards, strict=True)]
-  if jax.default_backend() != "cpu" or sum(local) <= _CPU_INIT_GROUP_BYTES:
+  on_cpu = target.Target.of_device(shards[0].mesh.devices.flat[0]).platform == "cpu"
+  if not on_cpu or sum(local) <= _CPU_INIT_GROUP_BYTES:
     return jax.jit(built.init, out_shardings=built.shardings)()
   groups, size = [[]], 0.0
   for i, n in enumerate(local):

@@ -101,7 +101,6 @@ def test_lowers_for_gpu_and_tpu(platform):
   seg = jax.ShapeDtypeStruct((2, 256), jnp.int32)
   loss = lambda q, k, v, s: fa.flash_attention(q, k, v, segment_ids=s, interpret=False).astype(
       jnp.float32).sum()
-  exported = export_for(platform, jax.grad(loss, argnums=(0, 1, 2)), q, k, k, seg,
-                        modules=(fa,))
+  exported = export_for(platform, jax.grad(loss, argnums=(0, 1, 2)), q, k, k, seg)
   text = exported.mlir_module()
   assert ("tpu_custom_call" if platform == "tpu" else "triton") in text

@@ -5,7 +5,6 @@ The Mosaic GPU interpreter runs the kernels' warpgroups, barriers and TMA copies
 case on two cores, so one case runs by default and one more is marked slow.
 """
 
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ from lowering import export_for
 
 from mm_jax.kernels import attention as fa
 from mm_jax.kernels import attention_mgpu as am
-from mm_jax.kernels import compat
 from mm_jax.kernels.mgpu_common import block_ranges
 
 TOL = 2e-2  # relative to the reference's largest magnitude, bf16 inputs
@@ -78,9 +76,8 @@ def test_block_ranges_skip_causal_and_other_segments():
 def _lower(q, k, seg, **kw):
   loss = lambda q, k, v, s: fa.flash_attention(q, k, v, segment_ids=s, interpret=False,
                                                **kw).astype(jnp.float32).sum()
-  with mock.patch.object(compat, "gpu_capability", lambda: (9, 0)):
-    return export_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), q, k, k, seg,
-                      modules=(fa,)).mlir_module()
+  return export_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), q, k, k, seg,
+                    capability=(9, 0)).mlir_module()
 
 
 @pytest.mark.parametrize("h,n,k,causal", [(64, 4, 4, True), (128, 8, 2, False),

@@ -65,4 +65,4 @@ def test_lowers_for_gpu_and_tpu(platform, d):
   index = jax.ShapeDtypeStruct((2, 64), jnp.int32)
   loss = lambda x, y, i: merge.merge_tokens(x, y, i, impl="pallas", interpret=False).astype(
       jnp.float32).sum()
-  export_for(platform, jax.grad(loss, argnums=(0, 1)), text, media, index, modules=(merge,))
+  export_for(platform, jax.grad(loss, argnums=(0, 1)), text, media, index)
