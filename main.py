@@ -2,6 +2,7 @@
 
   python main.py --config=configs/llava.py:tiny --workdir=/tmp/tiny
   python main.py --config=configs/llava.py:7b,stage=pretrain --dry_run
+  python main.py --config=configs/llava.py:7b,stage=finetune --dry_run --target=v5p-16
   python main.py --mode=generate --config=configs/llava.py:tiny --workdir=/tmp/tiny \
       --image=shape.png --prompt="what shape is it?"
 """
@@ -40,6 +41,14 @@ _MEMORY_PLAN = flags.DEFINE_bool(
     "memory_plan", True, "--dry_run: also compile the train step for the mesh and print "
     "XLA's per-device memory plan (a big preset compiles for a minute; --nomemory_plan "
     "skips it).")
+_TARGET = flags.DEFINE_string(
+    "target", None, "Compile for this machine instead of this host (implies --dry_run): a "
+    "TPU slice v5e-N, v5p-N, v6e-N (--target_slices), a GPU machine a3-highgpu-8g, "
+    "a3-megagpu-8g, a3-ultragpu-8g, a2-ultragpu-8g, a4-highgpu-8g (--target_nodes) or "
+    "<gpu>x<count> (h100x8, h200x8, a100x8). Needs jax[tpu] or jax[cuda12] installed; no "
+    "device. Ends with 'NAME: P GiB per chip of H GiB: fits' (exit 0) or 'does not fit' (1).")
+_TARGET_SLICES = flags.DEFINE_integer("target_slices", 1, "--target: TPU slices (multislice).")
+_TARGET_NODES = flags.DEFINE_integer("target_nodes", 1, "--target: GPU nodes.")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=generate: the user's question.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "--mode=generate: image file(s), in order.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "--mode=generate: video file(s), in order.")
@@ -105,10 +114,12 @@ def main(argv):
   sys.excepthook = _excepthook
   warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
   from mm_jax import config, faults, run
+  from mm_jax.aot import TargetError
   from mm_jax.data.errors import BadRecord
   from mm_jax.data.skips import DataError
   from mm_jax.distributed import DistributedError
   from mm_jax.infer.prompts import PromptError
+  from mm_jax.train.compile_check import CompileFailed
 
   # Exit codes (mm_jax/faults.py): 0 finished, 42 preempted (restart me), 3 diverged,
   # 1 any other error. Every message is one line; tracebacks only with --debug.
@@ -117,12 +128,17 @@ def main(argv):
     cd.to_dict()  # a file that failed to load raises here, not above
   except Exception as e:  # noqa: BLE001 - reported in one line
     _fail_at_start(e)
+  machine = _target_machine()
   try:
-    start_distributed()
-    run.main(cd, _WORKDIR.value, _MODE.value, _DRY_RUN.value, prompt=_PROMPT.value,
-             images=tuple(_IMAGE.value), videos=tuple(_VIDEO.value),
-             audios=tuple(_AUDIO.value), explicit=cli.explicit_keys(sys.argv[1:]),
-             print_config=_PRINT_CONFIG.value, memory_plan=_MEMORY_PLAN.value)
+    if machine is None:  # a compile for another machine is one process, whatever the env
+      start_distributed()
+    result = run.main(cd, _WORKDIR.value, _MODE.value, _DRY_RUN.value or machine is not None,
+                      prompt=_PROMPT.value, images=tuple(_IMAGE.value),
+                      videos=tuple(_VIDEO.value), audios=tuple(_AUDIO.value),
+                      explicit=cli.explicit_keys(sys.argv[1:]), print_config=_PRINT_CONFIG.value,
+                      memory_plan=_MEMORY_PLAN.value, machine=machine)
+    if isinstance(result, dict) and result.get("fits") is False:  # said "does not fit"
+      _exit("", 1)
   except (faults.Preempted, faults.Diverged) as e:
     _exit(str(e), e.exit_code)
   except KeyboardInterrupt:  # before training installed its handlers: nothing to save
@@ -132,12 +148,29 @@ def main(argv):
       raise
     known = {faults.CheckpointError: "checkpoint error", config.ConfigError: "config error",
              DataError: "data error", DistributedError: "", PromptError: "error",
-             BadRecord: "error", FileNotFoundError: "error"}
+             BadRecord: "error", FileNotFoundError: "error", TargetError: "",
+             CompileFailed: f"mm_jax: {_TARGET.value or 'cpu'}"}
     kind = next((v for k, v in known.items() if isinstance(e, k)), None)
     if kind is None:  # not a start-up or data error we know: keep the traceback in a file
       _exit(f"error: {type(e).__name__}: {cli._first_line(e)} (traceback in "
             f"{_save_traceback()}; --debug prints it)")
     _exit(f"{kind}: {e}" if kind else str(e))
+
+
+def _target_machine():
+  """The --target machine, with the compilers' settings made before JAX starts its backends;
+  a name that is not a target is one line, exit 1."""
+  if not _TARGET.value:
+    return None
+  from mm_jax import accelerators, aot
+
+  try:
+    machine = accelerators.machine(_TARGET.value, slices=_TARGET_SLICES.value,
+                                   nodes=_TARGET_NODES.value)
+  except ValueError as e:
+    _exit(f"config error: --target: {e}")
+  aot.prepare(machine)
+  return machine
 
 
 def _save_traceback() -> str:
@@ -151,7 +184,8 @@ def _save_traceback() -> str:
 
 
 def _exit(message: str, code: int = 1) -> None:
-  print(message, file=sys.stderr, flush=True)
+  if message:
+    print(message, file=sys.stderr, flush=True)
   if code in (0, 42):  # a clean stop: every process shuts jax.distributed down together
     sys.exit(code)
   # An error: the workdir is already closed (checkpoints waited for, metrics flushed).

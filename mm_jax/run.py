@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import jax
 
+from mm_jax import accelerators, aot, paths, sharding, target
 from mm_jax import config as config_lib
-from mm_jax import paths, sharding
 
 
-def dry_run(cfg: config_lib.Config, memory_plan: bool = False) -> dict[str, int]:
-  """Builds the model abstractly (no weights allocated) and prints parameter counts, then
-  the memory estimate (mm_jax/train/memory.py) and, with `memory_plan`, the compiled train
-  step's per-device plan for the configured mesh (mm_jax/train/plan.py)."""
-  from mm_jax.train import memory
+def dry_run(cfg: config_lib.Config, memory_plan: bool = False,
+            machine: accelerators.Machine | None = None) -> dict:
+  """Builds the model abstractly (no weights allocated) and prints parameter counts and the
+  memory estimate (mm_jax/train/memory.py). With `memory_plan`, the train step compiled for
+  the configured mesh: its kernels, XLA's per-device plan and FLOPs. With `machine` (the
+  --target), the mesh is over that machine's devices (mm_jax/aot.py), the train and decode
+  steps compile with its own compiler, and the result says whether they fit its memory."""
+  from mm_jax.models.multimodal import resolve_backends
+  from mm_jax.train import compile_check, loop, memory
   from mm_jax.train import state as state_lib
 
-  mesh = sharding.make_mesh(cfg.mesh)
+  devices = aot.devices(machine) if machine else None
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  tgt = target.Target.of_mesh(mesh)
+  loop.check_batch(cfg, mesh)
+  where = machine.label if machine else f"this host: {mesh.size} {tgt.platform} device(s)"
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = cfg.train.batch_size // cfg.optim.grad_accum
+  print(f"mm_jax: dry run for {where}; mesh {dict(mesh.shape)}; micro-batch {micro // dp} x "
+        f"{cfg.data.seq_len} per data-parallel device, grad_accum {cfg.optim.grad_accum}, "
+        f"remat {cfg.model.remat}", flush=True)
   built = state_lib.build(cfg, mesh)
   counts = state_lib.param_counts(built.abstract)
   rows = [(k, v) for k, v in counts.items() if "/" in k or k == "decoder"]
@@ -24,13 +37,21 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False) -> dict[str, int]
     size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
     print(f"{name:32s} {n:>16,d}  ({size})")
   print("\n".join(memory.format_table(cfg, memory.table(cfg, built.abstract))), flush=True)
-  if memory_plan:
-    from mm_jax.train import plan as plan_lib
-
-    compiled = plan_lib.compiled_plan(cfg, mesh, built)
-    print("\n".join(plan_lib.format_plan(cfg, mesh, compiled)))
-    counts = {**counts, "plan_total_bytes": compiled.total, "plan_temp_bytes": compiled.temp}
-  return counts
+  if not (memory_plan or machine):
+    return counts
+  resolved = resolve_backends(cfg.model, tgt)
+  print(f"backends for {tgt.name}: attention={resolved.attention}, merge={resolved.merge}",
+        flush=True)
+  reports = [compile_check.train_step(cfg, mesh, built)]
+  if machine:
+    reports.append(compile_check.decode_step(cfg, mesh))
+  for report in reports:
+    print("\n".join(compile_check.format_report(report, tgt)), flush=True)
+  line, fits = compile_check.verdict(machine.name if machine else tgt.platform, reports, tgt)
+  print(line, flush=True)
+  plan = reports[0].plan
+  return {**counts, "plan_total_bytes": plan.total, "plan_temp_bytes": plan.temp,
+          "fits": fits, "kernels": reports[0].kernels}
 
 
 # config.lora fields that decide the checkpoint's parameters (adapters, a quantised base).
@@ -125,9 +146,11 @@ def resolve(cd, workdir: str | None = None, mode: str = "train",
 def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
          prompt: str = "", images: tuple[str, ...] = (), videos: tuple[str, ...] = (),
          audios: tuple[str, ...] = (), explicit: tuple[str, ...] = (),
-         print_config: bool = False, memory_plan: bool = False) -> dict:
+         print_config: bool = False, memory_plan: bool = False,
+         machine: accelerators.Machine | None = None) -> dict:
   """explicit: the config keys given on the command line (mm_jax.cli.explicit_keys);
-  memory_plan: with `dry`, also compile the train step and print XLA's memory plan."""
+  memory_plan: with `dry`, also compile the train step and print XLA's memory plan;
+  machine: with `dry`, compile for that machine instead of this host (--target)."""
   if mode != "generate" and not workdir and not (dry or print_config):
     raise config_lib.ConfigError("--workdir: required for --mode=train and --mode=eval "
                                  "(where checkpoints, metrics and config.json live); only "
@@ -139,7 +162,7 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
     print(cli.format_config(cfg), flush=True)
     return {"config": config_lib.to_dict(cfg)}
   if dry:
-    return dry_run(cfg, memory_plan)
+    return dry_run(cfg, memory_plan, machine)
   if mode == "generate":
     from mm_jax.infer import chat
 

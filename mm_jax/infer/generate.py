@@ -52,7 +52,7 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int, multiple: int = 8
           "positions": np.maximum(cols - pad, 0).astype(np.int32), "lengths": lengths}
 
 
-def _decode(graphdef, settings: Decoding, state, batch: dict, key: jax.Array) -> jax.Array:
+def decode(graphdef, settings: Decoding, state, batch: dict, key: jax.Array) -> jax.Array:
   """int32[B, max_new_tokens]: generated ids, `pad_id` after a row's stop token."""
   model: MultimodalModel = nnx.merge(graphdef, state)
   dec, s = model.decoder, settings
@@ -86,7 +86,7 @@ class Generator:
   def __init__(self, model: MultimodalModel, settings: Decoding):
     self.graphdef, self.state = nnx.split(model)
     self.settings = settings
-    self._fn = jax.jit(functools.partial(_decode, self.graphdef, settings))
+    self._fn = jax.jit(functools.partial(decode, self.graphdef, settings))
 
   def __call__(self, batch: dict, seed: int = 0) -> list[list[int]]:
     """batch: left_pad's keys plus `images`/`image_valid` -> each row's ids, up to and

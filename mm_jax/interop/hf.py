@@ -25,7 +25,7 @@ import jax
 from flax import nnx
 
 from mm_jax import config as config_lib
-from mm_jax import paths, sharding
+from mm_jax import paths, sharding, target
 from mm_jax.config import Config, MeshConfig
 from mm_jax.interop import hf_export, peft_export
 from mm_jax.interop.hf_import import covered, init_from_hf
@@ -41,7 +41,7 @@ def load_model(cfg: Config, mesh: jax.sharding.Mesh) -> MultimodalModel:
   when they cover all of it (llava_from_hf); otherwise the rest is from `cfg.train.seed`."""
   from mm_jax.train.checkpoint import restore_target
 
-  model_cfg = resolve_backends(cfg.model)
+  model_cfg = resolve_backends(cfg.model, target.Target.of_mesh(mesh))
   make = lambda: MultimodalModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   shardings = sharding.state_shardings(abstract, mesh)
