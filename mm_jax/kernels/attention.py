@@ -61,9 +61,14 @@ class BlockSizes:
     return cls(fit(base.q, t), fit(base.kv, s), fit(base.q_bwd, t), fit(base.kv_bwd, s))
 
   @classmethod
-  def default(cls, platform_name: str) -> BlockSizes:
+  def default(cls, platform_name: str, row_bytes: int = 256) -> BlockSizes:
+    """`row_bytes`: bytes of one (head-padded) row of q, k or v."""
     # Mosaic TPU tiles are (8, 128): every block that ends a layout is a multiple of 128.
-    return cls(128, 128, 128, 128) if platform_name == "tpu" else cls()
+    if platform_name == "tpu":
+      return cls(128, 128, 128, 128)
+    # The Triton forward holds a Q, K and V block in shared memory: 3 x 128 rows of 512 bytes
+    # (float32, H 128) is 192 KiB, past an A100's 163 KiB. Wide rows take 64-row blocks.
+    return cls(64, 64) if row_bytes > 256 else cls()
 
   @property
   def multiple(self) -> int:
@@ -390,7 +395,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
          else segment_ids.astype(jnp.int32))
   tgt, interpret = target.current(), interpret_for(interpret)
   on_tpu = tgt.platform == "tpu" and not interpret
-  bs = BlockSizes.for_lengths(t, s, block_sizes or BlockSizes.default(tgt.platform),
+  row_bytes = _head_pad(h) * q.dtype.itemsize
+  bs = BlockSizes.for_lengths(t, s, block_sizes or BlockSizes.default(tgt.platform, row_bytes),
                               floor=128 if on_tpu else 16)
   scale = float(h**-0.5 if scale is None else scale)
   if not math.isfinite(scale):

@@ -37,9 +37,16 @@ def interpret_for(interpret: bool | None) -> bool:
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
   """float32-accumulated matmul inside kernels (pl.dot moved to pallas.triton in 0.10;
-  lax.dot_general lowers on Triton, Mosaic TPU and the interpreter alike)."""
+  lax.dot_general lowers on Triton, Mosaic TPU and the interpreter alike).
+
+  16-bit operands get the default precision explicitly: under
+  `jax_default_matmul_precision=highest` Mosaic TPU asks for an fp32 contraction of bf16
+  operands, which v5e's compiler rejects ("Bad lhs type"); it gains nothing on 16-bit inputs.
+  """
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  precision = jax.lax.Precision.DEFAULT if jnp.dtype(a.dtype).itemsize < 4 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision,
+                             preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------- Mosaic GPU

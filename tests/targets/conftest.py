@@ -1,0 +1,40 @@
+"""Deviceless compiles with the real TPU and GPU compilers (mm_jax/aot.py).
+
+These tests need `jax[tpu]` and `jax[cuda12]` at the project's jax version, which the test
+install leaves out (several GB): .ci/run runs them in their own venv, .venv-targets. Without
+the compilers each test is skipped with the pip command that adds them.
+"""
+
+import importlib.util
+
+import jax
+import pytest
+
+from mm_jax import accelerators, aot
+
+# libtpu reads these when the backends start, which happens after collection; a machine's
+# own TPU_ACCELERATOR_TYPE is only a default, every topology is built explicitly.
+aot.prepare(accelerators.machine("v5p-8"))
+
+HAVE_TPU = importlib.util.find_spec("libtpu") is not None
+HAVE_CUDA = importlib.util.find_spec("jax_cuda12_plugin") is not None or (
+    importlib.util.find_spec("jax_cuda13_plugin") is not None)
+
+
+def need(platform: str) -> None:
+  have = HAVE_TPU if platform == "tpu" else HAVE_CUDA
+  if not have:
+    extra = "tpu" if platform == "tpu" else "cuda12"
+    pytest.skip(f"needs the {platform.upper()} compiler: pip install "
+                f"'jax[{extra}]=={jax.__version__}' (.ci/run's .venv-targets has it)")
+
+
+def devices(name: str, **kw) -> list:
+  machine = accelerators.machine(name, **kw)
+  need(machine.chip.platform)
+  return aot.devices(machine)
+
+
+@pytest.fixture
+def target_devices():
+  return devices
