@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.timing import time_loop, versions  # noqa: E402
+from mm_jax import target  # noqa: E402
 from mm_jax.kernels import attention as fa  # noqa: E402
-from mm_jax.kernels import compat  # noqa: E402
 from mm_jax.kernels.attention import flash_attention  # noqa: E402
 
 
@@ -53,12 +53,12 @@ def segments(b, t, n_seg):
 def jax_impls(smoke: bool):
   impls = {"ours": lambda q, k, v, seg, causal: flash_attention(q, k, v, segment_ids=seg,
                                                                 causal=causal)}
-  cap = compat.gpu_capability()
+  cap = target.local().capability
   if cap is not None and cap >= (9, 0):
     impls["ours_triton"] = triton_attention
   mask = lambda seg: None if seg is None else (seg[:, None, :, None] == seg[:, None, None, :])
   for name in ("cudnn", "xla"):
-    if name == "cudnn" and jax.default_backend() != "gpu":
+    if name == "cudnn" and target.local().platform != "gpu":
       continue
     impls[name] = (lambda impl: lambda q, k, v, seg, causal: jax.nn.dot_product_attention(
         q, k, v, mask=mask(seg), is_causal=causal, implementation=impl))(name)

@@ -29,6 +29,8 @@ GiB = 2**30
 # custom-call targets of compiled Pallas kernels, by backend.
 KERNEL_CALLS = {"tpu_custom_call": "Mosaic TPU", "__gpu$xla.gpu.triton": "Triton",
                 "mosaic_gpu_v2": "Mosaic GPU", "mosaic_gpu": "Mosaic GPU"}
+# cuDNN's fused attention, the GPU baseline `auto` picks (kernels/choice.py).
+CUDNN_PREFIX = "__cudnn$fmha"
 _CALL = re.compile(r'custom_call_target="([^"]+)"')
 _OP = re.compile(r'op_name="([^"]+)"')
 _INNER = re.compile(r"^\w+\((.*)\)$")
@@ -49,11 +51,14 @@ class Report:
 
 
 def kernel_calls(hlo: str) -> dict[tuple[str, str], int]:
-  """(kernel, backend) -> how many custom calls of compiled HLO text it became."""
+  """(kernel, backend) -> how many custom calls of compiled HLO text it became: our Pallas
+  kernels by their pallas_call names, cuDNN's fused attention by its call."""
   counts = collections.Counter()
   for line in hlo.splitlines():
     call = _CALL.search(line)
-    if call and call[1] in KERNEL_CALLS:
+    if call and call[1].startswith(CUDNN_PREFIX):
+      counts[(call[1].removeprefix("__cudnn$"), "cuDNN")] += 1
+    elif call and call[1] in KERNEL_CALLS:
       op = _OP.search(line)
       counts[(_kernel_name(op[1] if op else ""), KERNEL_CALLS[call[1]])] += 1
   return dict(sorted(counts.items()))
@@ -181,7 +186,7 @@ def format_report(report: Report, tgt: target.Target) -> list[str]:
     lines.append("  kernels: none compiled (CPU target: Pallas would run in the interpreter; "
                  "--target=NAME compiles for a TPU or GPU)")
   else:
-    lines.append("  kernels: none (the model's backends are XLA's here)")
+    lines.append("  kernels: none (XLA's attention and merge here)")
   lines.append(f"  per device: argument {_size(p.argument)}, output {_size(p.output)}, alias "
                f"{_size(p.alias)}, temp {_size(p.temp)}: total {_size(p.total)}")
   how = ("2 N per token forward, 4 N backward for trained modules, plus attention"

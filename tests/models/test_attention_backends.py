@@ -1,10 +1,15 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mm_jax import target
+from mm_jax.config import ConfigError
 from mm_jax.kernels.attention import attention_reference
 from mm_jax.models import attention
+from mm_jax.models.multimodal import resolve_backends
 
 
 @pytest.mark.parametrize("n,k", [(4, 4), (4, 2), (8, 1)])
@@ -33,12 +38,25 @@ def test_segments_do_not_attend_across():
   np.testing.assert_allclose(out[:, 4:], out2[:, 4:], rtol=1e-6)
 
 
-def test_auto_resolves_per_platform():
-  assert attention.resolve("auto", "cpu") == "xla"
-  assert attention.resolve("auto", "gpu") == "pallas"
-  assert attention.resolve("auto", "tpu") == "pallas"
-  with pytest.raises(ValueError, match="cudnn needs a GPU"):
-    attention.resolve("cudnn", "cpu")
+def test_auto_resolves_per_target(tiny):
+  """kernels/choice.py's table: XLA on CPU, our kernels on TPU, cuDNN (the proven baseline)
+  on GPU for 16-bit models, our Triton kernels where cuDNN cannot run; merge XLA until a
+  device benchmark says otherwise. cudnn off a GPU names the key."""
+  cfg = tiny().model
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  cpu, tpu = target.Target("cpu", "cpu"), target.Target("tpu", "TPU v5")
+  h100 = target.Target("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+  pick = lambda c, t: (resolve_backends(c, t).attention, resolve_backends(c, t).merge)
+  assert pick(cfg, cpu) == ("xla", "xla")
+  assert pick(bf16, tpu) == ("pallas", "xla")
+  assert pick(bf16, h100) == ("cudnn", "xla")
+  assert pick(cfg, h100) == ("pallas", "xla")  # float32: cuDNN attention needs 16 bits
+  wide = dataclasses.replace(bf16, decoder=dataclasses.replace(bf16.decoder, head_dim=256))
+  assert pick(wide, h100) == ("pallas", "xla")
+  with pytest.raises(ConfigError, match="config.model.attention: cudnn needs a GPU target"):
+    resolve_backends(dataclasses.replace(cfg, attention="cudnn"), cpu)
+  with target.use(h100):  # no target given: target.current()
+    assert resolve_backends(bf16).attention == "cudnn"
 
 
 def test_pallas_under_a_mesh_runs_per_shard_and_matches_xla():
