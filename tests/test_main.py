@@ -151,3 +151,20 @@ def test_startup_and_divergence_errors_are_one_line_with_their_exit_code(tmp_pat
     assert last.startswith("diverged: 3 non-finite steps in a row up to step "), last
     records = [json.loads(line) for line in open(w / "metrics.jsonl")]  # valid JSON
     assert any(r.get("loss") is None for r in records)
+
+
+def test_target_without_its_compiler_is_one_line_with_the_pip_command():
+  import importlib.util
+
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed here: tests/targets compile with it")
+  r = _main("--config=configs/llava.py:tiny", "--target=v5p-8")
+  assert r.returncode == 1, r.stdout[-2000:]
+  assert r.stderr.strip() == ("--target=v5p-8: the TPU compiler (libtpu) is not installed: "
+                              f"pip install 'jax[tpu]=={_jax_version()}'")
+
+
+def _jax_version() -> str:
+  import jax
+
+  return jax.__version__

@@ -7,7 +7,8 @@ intermediate, activations and gradients included, at the schedule's peak) and th
 aliased bytes that donation reuses. On CPU, fake devices give a mesh of any size:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`. XLA's CPU backend schedules and
 rematerialises differently from the GPU and TPU ones, so read a CPU plan as that
-backend's, an upper bound rather than a GPU figure.
+backend's, an upper bound rather than a GPU figure: `--dry_run --target=NAME` compiles with
+the TPU or GPU compiler itself (train/compile_check.py prints the plan either way).
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ import numpy as np
 from mm_jax import sharding
 from mm_jax.config import Config
 from mm_jax.data import pipeline
-
-GiB = 2**30
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -64,14 +62,3 @@ def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Plan:
     m = lowered.compile().memory_analysis()
   return Plan(mesh.size, m.argument_size_in_bytes, m.output_size_in_bytes,
               m.temp_size_in_bytes, m.alias_size_in_bytes)
-
-
-def format_plan(cfg: Config, mesh: jax.sharding.Mesh, plan: Plan) -> list[str]:
-  shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
-  size = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
-  micro = cfg.train.batch_size // cfg.optim.grad_accum
-  return [f"compiled plan (per device, XLA memory analysis on {jax.default_backend()}, "
-          f"{plan.devices} device(s): {shape}; micro-batch {micro} x {cfg.data.seq_len} "
-          f"global, remat={cfg.model.remat}, attention={cfg.model.attention}):",
-          f"  argument {size(plan.argument)}, output {size(plan.output)}, "
-          f"temp {size(plan.temp)}, aliased {size(plan.alias)}: total {size(plan.total)}"]

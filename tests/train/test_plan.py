@@ -19,8 +19,13 @@ def test_sharding_the_state_shrinks_each_devices_arguments():
   assert 0 < p8.temp and p8.total == p8.argument + p8.output + p8.temp - p8.alias
 
 
-def test_dry_run_prints_the_plan_beside_the_estimate(capsys):
+def test_dry_run_prints_the_plan_beside_the_estimate_and_says_it_compiled_for_cpu(capsys):
   counts = run.dry_run(tiny_config(**{"mesh.data": -1}), memory_plan=True)
   out = capsys.readouterr().out
-  assert "peak estimate" in out and "compiled plan (per device, XLA memory analysis" in out
-  assert counts["plan_total_bytes"] > counts["plan_temp_bytes"] > 0
+  assert "mm_jax: dry run for this host: 8 cpu device(s)" in out and "peak estimate" in out
+  assert "train step: compiled for cpu in" in out
+  assert "kernels: none compiled (CPU target: Pallas would run in the interpreter" in out
+  assert "  per device: argument " in out and "FLOPs per step: " in out
+  assert out.rstrip().splitlines()[-1].startswith("mm_jax: cpu: ")
+  assert "decode step" not in out  # only with --target
+  assert counts["plan_total_bytes"] > counts["plan_temp_bytes"] > 0 and counts["fits"]

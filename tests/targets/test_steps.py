@@ -1,0 +1,46 @@
+"""The tiny run's train and decode steps compiled for a TPU slice and a GPU machine, as
+`main.py --dry_run --target` does: kernels compiled (custom calls present), plan, verdict."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import need
+
+from configs import llava
+from mm_jax import accelerators, run
+from mm_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("name,attention,merge,backend", [
+    ("v5p-8", "pallas", "pallas", "Mosaic TPU"),
+    ("a3-highgpu-8g", "pallas", "pallas", "Triton"),  # float32: Triton attention on sm_90
+])
+def test_tiny_steps_compile_with_our_kernels(name, attention, merge, backend, capsys):
+  machine = accelerators.machine(name)
+  need(machine.chip.platform)
+  cd = llava.get_config("tiny")
+  with cd.unlocked():
+    cd.model.attention, cd.model.merge = attention, merge
+  out = run.dry_run(config_lib.from_config_dict(cd), machine=machine)
+  text = capsys.readouterr().out
+  kernels = {k for k, b in out["kernels"] if b == backend}
+  assert {"flash_attention_fwd", "flash_attention_dkv", "flash_attention_dq",
+          "merge_put_rows", "merge_take_rows"} <= kernels, out["kernels"]
+  assert out["fits"] and f"decode step: compiled for {machine.chip.name}" in text
+  assert text.rstrip().splitlines()[-1].startswith(f"mm_jax: {name}: ")
+
+
+def test_main_target_ends_with_the_fits_line():
+  need("tpu")
+  r = subprocess.run([sys.executable, "main.py", "--config=configs/llava.py:tiny",
+                      "--target=v5e-4"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "backends for v5e: attention=pallas, merge=xla" in r.stdout
+  assert "kernel flash_attention_fwd:" in r.stdout and "Mosaic TPU custom call" in r.stdout
+  last = r.stdout.rstrip().splitlines()[-1]
+  assert last.startswith("mm_jax: v5e-4: ") and last.endswith("GiB per chip of 16.0 GiB: fits")
