@@ -22,11 +22,12 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False,
   devices = aot.devices(machine) if machine else None
   mesh = sharding.make_mesh(cfg.mesh, devices)
   tgt = target.Target.of_mesh(mesh)
-  loop.check_batch(cfg, mesh)
+  if memory_plan or machine:  # the compile splits each micro-batch over the devices
+    loop.check_batch(cfg, mesh)
   where = machine.label if machine else f"this host: {mesh.size} {tgt.platform} device(s)"
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = cfg.train.batch_size // cfg.optim.grad_accum
-  print(f"mm_jax: dry run for {where}; mesh {dict(mesh.shape)}; micro-batch {micro // dp} x "
+  print(f"mm_jax: dry run for {where}; mesh {dict(mesh.shape)}; micro-batch {micro / dp:g} x "
         f"{cfg.data.seq_len} per data-parallel device, grad_accum {cfg.optim.grad_accum}, "
         f"remat {cfg.model.remat}", flush=True)
   built = state_lib.build(cfg, mesh)

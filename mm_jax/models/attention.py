@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mm_jax import sharding
+from mm_jax import sharding, target
+from mm_jax.kernels import choice
 from mm_jax.kernels.attention import flash_attention
 
 
@@ -27,6 +28,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
   `heads`: logical names of the query and key/value head axes (for the Pallas path's
   shard_map; the towers use their own).
   """
+  if impl == "auto":  # a module built from an unresolved config: the target's pick
+    impl = choice.attention(target.current(), q.dtype, (q.shape[-1],)).impl
   if impl == "pallas":  # on CPU this runs the kernels in the Pallas interpreter
     with jax.named_scope("attention_pallas"):
       return _pallas_sharded(q, k, v, segment_ids, causal, heads)
