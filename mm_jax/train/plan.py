@@ -22,6 +22,7 @@ from mm_jax import sharding
 from mm_jax.config import Config
 from mm_jax.data import pipeline
 
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   devices: int

@@ -7,14 +7,20 @@ from mm_jax.kernels import merge
 from mm_jax.train import compile_check
 from mm_jax.train.plan import Plan
 
-HLO = """\
-  %pallas_call.7 = (bf16[2,4,512,128]) custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/jvp(flash_attention_fwd)/pallas_call" source_file="x"}
-  %tpu = bf16[2] custom-call(%a), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp(flash_attention_dq))/pallas_call"}
-  %tpu.2 = bf16[2] custom-call(%a), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp(flash_attention_dq))/pallas_call"}
-  %mgpu = bf16[2] custom-call(%a), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/transpose(jvp())/attention_mgpu_dkv/mpmd_map"}
-  %fmha = (bf16[2]) custom-call(%a), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(f)/dot_product_attention"}
-  %other = f32[2] custom-call(%a), custom_call_target="SomethingElse"
-"""
+
+def _line(name: str, call: str, op: str = "") -> str:
+  meta = f', metadata={{op_name="{op}" source_file="x"}}' if op else ""
+  return f'  %{name} = bf16[2] custom-call(%a), custom_call_target="{call}"{meta}'
+
+
+HLO = "\n".join([
+    _line("pallas_call.7", "__gpu$xla.gpu.triton", "jit(f)/jvp(flash_attention_fwd)/pallas_call"),
+    _line("tpu", "tpu_custom_call", "jit(f)/transpose(jvp(flash_attention_dq))/pallas_call"),
+    _line("tpu.2", "tpu_custom_call", "jit(f)/transpose(jvp(flash_attention_dq))/pallas_call"),
+    _line("mgpu", "mosaic_gpu_v2", "jit(f)/transpose(jvp())/attention_mgpu_dkv/mpmd_map"),
+    _line("fmha", "__cudnn$fmhaSoftmax", "jit(f)/dot_product_attention"),
+    _line("other", "SomethingElse"),
+])
 
 
 def test_kernel_calls_name_each_kernel_and_backend():
