@@ -1,6 +1,6 @@
 """Will each big preset fit? Every preset and stage compiled for TPU and GPU machines.
 
-  .venv-targets/bin/python bench/targets.py [--presets=7b,13b,phi2] [--targets=...]
+  .venv-targets/bin/python bench/targets.py [--presets=7b,13b,phi2] [--targets=...] [--smoke]
 
 Runs `main.py --dry_run --target=...` (the deviceless compile, mm_jax/aot.py) once per
 (preset, stage, target) in its own process and prints a markdown table: compiled, the
@@ -31,10 +31,11 @@ TARGETS = {
     "8xH100": (["--target=a3-highgpu-8g"], []),
     "8xH200": (["--target=a3-ultragpu-8g"], []),
 }
+SMOKE = {"v5p-8": (["--target=v5p-8"], []), "8xH100": (["--target=a3-highgpu-8g"], [])}
 
 
 def run_one(preset: str, stage: str, target: str, timeout: int) -> dict:
-  flags, overrides = TARGETS[target]
+  flags, overrides = {**TARGETS, **SMOKE}[target]
   cmd = [sys.executable, os.path.join(ROOT, "main.py"),
          f"--config=configs/llava.py:{preset},stage={stage}", *flags, *overrides]
   t0 = time.perf_counter()
@@ -80,7 +81,10 @@ def main() -> None:
   p.add_argument("--targets", default=",".join(TARGETS))
   p.add_argument("--out", default="/tmp/mm_jax_targets.jsonl")
   p.add_argument("--timeout", type=int, default=1800)
+  p.add_argument("--smoke", action="store_true", help="the tiny preset on v5p-8 and 8 x H100")
   a = p.parse_args()
+  if a.smoke:
+    a.presets, a.stages, a.targets = "tiny", "full", ",".join(SMOKE)
   done = []
   if os.path.exists(a.out):
     with open(a.out) as f:

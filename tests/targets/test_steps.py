@@ -44,3 +44,33 @@ def test_main_target_ends_with_the_fits_line():
   assert "kernel flash_attention_fwd:" in r.stdout and "Mosaic TPU custom call" in r.stdout
   last = r.stdout.rstrip().splitlines()[-1]
   assert last.startswith("mm_jax: v5e-4: ") and last.endswith("GiB per chip of 16.0 GiB: fits")
+
+
+def test_multislice_meshes_put_data_across_slices():
+  """2 x v6e-16: `data` spans the slices (data-centre network), fsdp stays inside one
+  slice's ICI; a data axis the slices do not divide is a config error naming the key."""
+  from conftest import devices
+
+  from mm_jax import sharding
+  from mm_jax.config import ConfigError, MeshConfig
+
+  devs = devices("v6e-16", slices=2)
+  mesh = sharding.make_mesh(MeshConfig(2, -1, 1), devs)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 16, "tensor": 1}
+  for row, slice_index in zip(mesh.devices[:, :, 0], (0, 1), strict=True):
+    assert {d.slice_index for d in row} == {slice_index}
+  with pytest.raises(ConfigError, match="config.mesh.data: 1 is not a multiple of the 2 slices"):
+    sharding.make_mesh(MeshConfig(1, -1, 1), devs)
+
+
+def test_targets_bench_smoke(tmp_path):
+  """bench/targets.py --smoke: the tiny preset compiled for v5p-8 and 8 x H100, a table row
+  each that says it compiled and fits."""
+  need("tpu")
+  need("gpu")
+  r = subprocess.run([sys.executable, "bench/targets.py", "--smoke",
+                      f"--out={tmp_path / 'rows.jsonl'}"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny ")]
+  assert len(rows) == 2 and all("| yes |" in row and row.endswith("| yes |") for row in rows)
