@@ -8,7 +8,7 @@ the compiled executable: compiled, not interpreted (a CPU target has none).
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import devices
+from deviceless import devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import need
+from deviceless import need
 
 from configs import llava
 from mm_jax import accelerators, run
@@ -49,7 +49,7 @@ def test_main_target_ends_with_the_fits_line():
 def test_multislice_meshes_put_data_across_slices():
   """2 x v6e-16: `data` spans the slices (data-centre network), fsdp stays inside one
   slice's ICI; a data axis the slices do not divide is a config error naming the key."""
-  from conftest import devices
+  from deviceless import devices
 
   from mm_jax import sharding
   from mm_jax.config import ConfigError, MeshConfig

@@ -1,4 +1,5 @@
-"""Deviceless compiles with the real TPU and GPU compilers (mm_jax/aot.py).
+"""Deviceless compiles with the real TPU and GPU compilers (mm_jax/aot.py): what the tests
+here import first (a module, not a conftest: tests import the root conftest by name).
 
 These tests need `jax[tpu]` and `jax[cuda12]` at the project's jax version, which the test
 install leaves out (several GB): .ci/run runs them in their own venv, .venv-targets. Without
@@ -39,8 +40,3 @@ def devices(name: str, **kw) -> list:
   machine = accelerators.machine(name, **kw)
   need(machine.chip.platform)
   return aot.devices(machine)
-
-
-@pytest.fixture
-def target_devices():
-  return devices
