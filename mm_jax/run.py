@@ -15,21 +15,14 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False,
   the configured mesh: its kernels, XLA's per-device plan and FLOPs. With `machine` (the
   --target), the mesh is over that machine's devices (mm_jax/aot.py), the train and decode
   steps compile with its own compiler, and the result says whether they fit its memory."""
-  from mm_jax.models.multimodal import resolve_backends
-  from mm_jax.train import compile_check, loop, memory
+  from mm_jax.train import loop, memory
   from mm_jax.train import state as state_lib
 
-  devices = aot.devices(machine) if machine else None
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  tgt = target.Target.of_mesh(mesh)
-  if memory_plan or machine:  # the compile splits each micro-batch over the devices
+  mesh = sharding.make_mesh(cfg.mesh, aot.devices(machine) if machine else None)
+  compiles = memory_plan or machine is not None
+  if compiles:  # the compile splits each micro-batch over the devices
     loop.check_batch(cfg, mesh)
-  where = machine.label if machine else f"this host: {mesh.size} {tgt.platform} device(s)"
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = cfg.train.batch_size // cfg.optim.grad_accum
-  print(f"mm_jax: dry run for {where}; mesh {dict(mesh.shape)}; micro-batch {micro / dp:g} x "
-        f"{cfg.data.seq_len} per data-parallel device, grad_accum {cfg.optim.grad_accum}, "
-        f"remat {cfg.model.remat}", flush=True)
+  print(_header(cfg, mesh, machine), flush=True)
   built = state_lib.build(cfg, mesh)
   counts = state_lib.param_counts(built.abstract)
   rows = [(k, v) for k, v in counts.items() if "/" in k or k == "decoder"]
@@ -38,8 +31,27 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False,
     size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
     print(f"{name:32s} {n:>16,d}  ({size})")
   print("\n".join(memory.format_table(cfg, memory.table(cfg, built.abstract))), flush=True)
-  if not (memory_plan or machine):
-    return counts
+  return {**counts, **_compile_report(cfg, mesh, built, machine)} if compiles else counts
+
+
+def _header(cfg: config_lib.Config, mesh, machine: accelerators.Machine | None) -> str:
+  tgt = target.Target.of_mesh(mesh)
+  where = machine.label if machine else f"this host: {mesh.size} {tgt.platform} device(s)"
+  per_device = cfg.train.batch_size / cfg.optim.grad_accum / (mesh.shape["data"]
+                                                              * mesh.shape["fsdp"])
+  return (f"mm_jax: dry run for {where}; mesh {dict(mesh.shape)}; micro-batch {per_device:g} "
+          f"x {cfg.data.seq_len} per data-parallel device, grad_accum {cfg.optim.grad_accum}, "
+          f"remat {cfg.model.remat}")
+
+
+def _compile_report(cfg: config_lib.Config, mesh, built,
+                    machine: accelerators.Machine | None) -> dict:
+  """Compiles the train step (and with a machine, the decode step), prints what compiled
+  and the closing fits line; returns the plan's figures, the kernels and whether it fits."""
+  from mm_jax.models.multimodal import resolve_backends
+  from mm_jax.train import compile_check
+
+  tgt = target.Target.of_mesh(mesh)
   resolved = resolve_backends(cfg.model, tgt)
   print(f"backends for {tgt.name}: attention={resolved.attention}, merge={resolved.merge}",
         flush=True)
@@ -51,8 +63,8 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False,
   line, fits = compile_check.verdict(machine.name if machine else tgt.platform, reports, tgt)
   print(line, flush=True)
   plan = reports[0].plan
-  return {**counts, "plan_total_bytes": plan.total, "plan_temp_bytes": plan.temp,
-          "fits": fits, "kernels": reports[0].kernels}
+  return {"plan_total_bytes": plan.total, "plan_temp_bytes": plan.temp, "fits": fits,
+          "kernels": reports[0].kernels}
 
 
 # config.lora fields that decide the checkpoint's parameters (adapters, a quantised base).
