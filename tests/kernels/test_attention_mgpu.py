@@ -14,6 +14,7 @@ from lowering import export_for
 
 from mm_jax.kernels import attention as fa
 from mm_jax.kernels import attention_mgpu as am
+from mm_jax.kernels import compat
 from mm_jax.kernels.mgpu_common import block_ranges
 
 TOL = 2e-2  # relative to the reference's largest magnitude, bf16 inputs
@@ -83,12 +84,17 @@ def _lower(q, k, seg, **kw):
 @pytest.mark.parametrize("h,n,k,causal", [(64, 4, 4, True), (128, 8, 2, False),
                                           (256, 2, 1, True)])
 def test_lowers_through_mosaic_gpu_on_hopper(h, n, k, causal):
-  """Forward and backward lower to Mosaic GPU custom calls (not Triton) for sm90."""
+  """Forward and backward lower to Mosaic GPU custom calls (not Triton) for sm90, unless the
+  installed CUDA's ptxas miscompiles causal masking (then Triton, as jax refuses it too)."""
   q = jax.ShapeDtypeStruct((2, 320, n, h), jnp.bfloat16)
   kk = jax.ShapeDtypeStruct((2, 320, k, h), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 320), jnp.int32)
   text = _lower(q, kk, seg, causal=causal)
-  assert text.count("mosaic_gpu") >= 3 and "triton" not in text  # fwd, dq, dkv
+  mgpu, triton = text.count("custom_call @mosaic_gpu"), text.count("@__gpu$xla.gpu.triton")
+  if compat.mgpu_causal_refused(causal):
+    assert triton >= 3 and mgpu == 0
+  else:
+    assert mgpu >= 3 and triton == 0  # fwd, dq, dkv
 
 
 @pytest.mark.parametrize("dtype,h", [(jnp.float32, 128), (jnp.bfloat16, 80)])
