@@ -74,6 +74,27 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def matrix(rows: list[dict], targets: list[str]) -> str:
+  """One row per preset and stage, one column per target: per-chip GiB of the larger of the
+  train and decode plans, the batch per chip, fits or not (`-`: not compiled)."""
+  cell = {(r["preset"], r["stage"], r["target"]): r for r in rows}
+  keys = dict.fromkeys((r["preset"], r["stage"]) for r in rows)
+  lines = ["| preset, stage | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+  for preset, stage in keys:
+    out = []
+    for t in targets:
+      r = cell.get((preset, stage, t))
+      if r is None:
+        out.append("-")
+      elif "gib" not in r:
+        out.append(f"failed: {r.get('error', '?')}")
+      else:
+        verdict = "fits" if r["fits"] else "does not fit"
+        out.append(f"{r['gib']:.2f} GiB, {r['batch_per_chip']}/chip: {verdict}")
+    lines.append(f"| {preset}, {stage} | " + " | ".join(out) + " |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--presets", default="7b,13b,phi2")
@@ -101,6 +122,7 @@ def main() -> None:
           f.write(json.dumps(row) + "\n")
         done.append(row)
   print(table(done))
+  print(matrix(done, [t for t in {**TARGETS, **SMOKE} if any(r["target"] == t for r in done)]))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,20 @@ def attention(tgt: Target, dtype: str, head_dims: tuple[int, ...]) -> Choice:
                          "ours faster yet (bench/gpu.sh)")
 
 
+def cudnn_odd_length(t: int, s: int) -> str:
+  """The backend for a cuDNN attention call of odd length: cuDNN's backward refuses odd
+  sequence lengths ("Unsupported sequence length", e.g. a CLIP tower's 577 tokens with its
+  class token), so such calls run XLA's attention; logged once per shape."""
+  _log_odd(t, s)
+  return "xla"
+
+
+@functools.cache
+def _log_odd(t: int, s: int) -> None:
+  logging.getLogger(__name__).info("cudnn attention: T %d, S %d not even (cuDNN's backward "
+                                   "needs even lengths): XLA's attention for this call", t, s)
+
+
 def merge(tgt: Target) -> Choice:
   """The multimodal merge backend for `tgt`."""
   if tgt.platform == "cpu":

@@ -30,6 +30,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
   """
   if impl == "auto":  # a module built from an unresolved config: the target's pick
     impl = choice.attention(target.current(), q.dtype, (q.shape[-1],)).impl
+  if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+    impl = choice.cudnn_odd_length(q.shape[1], k.shape[1])
   if impl == "pallas":  # on CPU this runs the kernels in the Pallas interpreter
     with jax.named_scope("attention_pallas"):
       return _pallas_sharded(q, k, v, segment_ids, causal, heads)

@@ -80,3 +80,12 @@ def test_pallas_under_a_mesh_runs_per_shard_and_matches_xla():
   for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   assert "manual_computation" in hlo or "shard_map" in hlo  # the kernel runs per shard
+
+
+def test_cudnn_calls_of_odd_length_run_xla():
+  """cuDNN's backward refuses odd sequence lengths (a CLIP tower's 577 tokens with its class
+  token): such calls take XLA's attention, here even on a CPU that has no cuDNN."""
+  q = jax.random.normal(jax.random.key(0), (2, 65, 4, 16))
+  out = attention.attend(q, q, q, segment_ids=None, causal=False, impl="cudnn")
+  ref = attention.attend(q, q, q, segment_ids=None, causal=False, impl="xla")
+  np.testing.assert_array_equal(out, ref)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from deviceless import need
 
@@ -32,6 +33,22 @@ def test_tiny_steps_compile_with_our_kernels(name, attention, merge, backend, ca
           "merge_put_rows", "merge_take_rows"} <= kernels, out["kernels"]
   assert out["fits"] and f"decode step: compiled for {machine.chip.name}" in text
   assert text.rstrip().splitlines()[-1].startswith(f"mm_jax: {name}: ")
+
+
+def test_auto_compiles_cudnn_attention_for_a_bf16_model_on_h100(capsys):
+  """The GPU baseline `auto` picks: cuDNN's fused attention, forward and backward, through
+  XLA's GPU compiler (its workspace is not sized without a device)."""
+  need("gpu")
+  cd = llava.get_config("tiny")
+  with cd.unlocked():
+    cd.model.dtype = "bfloat16"
+  # The root conftest asks for `highest` matmul precision; XLA's GPU compiler finds no Triton
+  # GEMM tiling for bf16 dots at that precision, and a bf16 run would not ask for it.
+  with jax.default_matmul_precision("default"):
+    out = run.dry_run(config_lib.from_config_dict(cd), machine=accelerators.machine("h100x8"))
+  assert "backends for h100 (sm_90): attention=cudnn, merge=xla" in capsys.readouterr().out
+  cudnn = {k for k, b in out["kernels"] if b == "cuDNN"}
+  assert any("Backward" in k for k in cudnn) and any("Backward" not in k for k in cudnn), cudnn
 
 
 def test_main_target_ends_with_the_fits_line():
