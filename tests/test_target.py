@@ -51,20 +51,26 @@ def test_a_gpu_target_compiles_kernels_a_cpu_target_interprets_them():
     assert "interpret=False" in jaxpr() and "interpret=True" not in jaxpr()
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_tpu_merge_kernels_match_the_reference_in_the_tpu_interpreter(dtype):
+SPREAD = [1, 2, 3, 4, 7, 10, 11, 24, 25, 31, 32, 33, 47]  # both rows, pairs split and shared
+ODD = [0, 1, 2, 3, 4, 7, 10, 11, 15, 16, 17, 20, 24]  # 1 x 25 rows: the last has no pair
+
+
+@pytest.mark.parametrize("dtype,b,t,positions", [(jnp.bfloat16, 2, 24, SPREAD),
+                                                 (jnp.float32, 2, 24, SPREAD),
+                                                 (jnp.bfloat16, 1, 25, ODD)])
+def test_tpu_merge_kernels_match_the_reference_in_the_tpu_interpreter(dtype, b, t, positions):
   """The TPU merge (DMAs; 16-bit rows moved as pairs, read-modify-write) run by Pallas' TPU
   interpreter with race detection: forward and both gradients equal XLA's exactly, with
   neighbouring media rows sharing a pair, a pair split between text and media, and rows of
   both batch rows."""
   from jax.experimental.pallas import tpu as pltpu
 
-  b, t, d, m = 2, 24, 256, 13
+  d, m = 256, len(positions)
   keys = jax.random.split(jax.random.key(0), 2)
   text = jax.random.normal(keys[0], (b, t, d)).astype(dtype)
   media = jax.random.normal(keys[1], (m, d)).astype(dtype)
   index = np.full((b, t), -1, np.int32)
-  for k, p in enumerate([1, 2, 3, 4, 7, 10, 11, 24, 25, 31, 32, 33, 47]):
+  for k, p in enumerate(positions):
     index.flat[p] = k
   index = jnp.asarray(index)
   params = pltpu.InterpretParams(detect_races=True)

@@ -162,6 +162,10 @@ def _put_rows(base, src, dest, *, interpret):
   m_pad, d = src.shape
   if _tpu(interpret):
     pack = _packing(base.dtype)
+    rows = base.shape[0]
+    if rows % pack:  # the last row's pair must exist: pad (a copy, for odd B * T only)
+      grown = jnp.pad(base, ((0, pack - rows % pack), (0, 0)))
+      return _put_rows(grown, src, dest, interpret=interpret)[:rows]
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(m_pad // ROWS,),
         in_specs=[pl.BlockSpec((ROWS, d), lambda i, dest: (i, 0)),
@@ -192,6 +196,9 @@ def _take_rows(src, dest, *, interpret):
   out_shape = jax.ShapeDtypeStruct((m_pad, d), src.dtype)
   if _tpu(interpret):
     pack = _packing(src.dtype)
+    if src.shape[0] % pack:  # the last row's pair must exist
+      return _take_rows(jnp.pad(src, ((0, pack - src.shape[0] % pack), (0, 0))), dest,
+                        interpret=interpret)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(m_pad // ROWS,),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
