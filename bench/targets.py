@@ -75,8 +75,9 @@ def table(rows: list[dict]) -> str:
 
 
 def matrix(rows: list[dict], targets: list[str]) -> str:
-  """One row per preset and stage, one column per target: per-chip GiB of the larger of the
-  train and decode plans, the batch per chip, fits or not (`-`: not compiled)."""
+  """One row per preset and stage, one column per target: the train step's per-chip GiB (the
+  decode step's where larger), the batch per chip, and whether the larger fits (`-`: not
+  compiled)."""
   cell = {(r["preset"], r["stage"], r["target"]): r for r in rows}
   keys = dict.fromkeys((r["preset"], r["stage"]) for r in rows)
   lines = ["| preset, stage | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
@@ -90,7 +91,9 @@ def matrix(rows: list[dict], targets: list[str]) -> str:
         out.append(f"failed: {r.get('error', '?')}")
       else:
         verdict = "fits" if r["fits"] else "does not fit"
-        out.append(f"{r['gib']:.2f} GiB, {r['batch_per_chip']}/chip: {verdict}")
+        train = r.get("train_gib", r["gib"])
+        decode = f" (decode {r['gib']:.2f})" if r["gib"] > train else ""
+        out.append(f"{train:.2f} GiB{decode}, {r['batch_per_chip']}/chip: {verdict}")
     lines.append(f"| {preset}, {stage} | " + " | ".join(out) + " |")
   return "\n".join(lines)
 

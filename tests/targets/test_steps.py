@@ -89,5 +89,5 @@ def test_targets_bench_smoke(tmp_path):
                       f"--out={tmp_path / 'rows.jsonl'}"], cwd=ROOT, capture_output=True,
                      text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
   assert r.returncode == 0, r.stderr[-2000:]
-  rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny ")]
+  rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny | ")]
   assert len(rows) == 2 and all("| yes |" in row and row.endswith("| yes |") for row in rows)
