@@ -184,7 +184,7 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
 
   if jax.process_index() == 0:
     print(f"mm_jax: {cfg.name} stage={cfg.stage} mode={mode} on {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s)", flush=True)
+          f"{target.local().platform} device(s)", flush=True)
   if mode == "train":
     return loop.train(cfg, workdir)
   if mode == "eval":

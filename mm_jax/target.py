@@ -2,8 +2,8 @@
 
 It comes from the mesh's devices: the local ones, or a TPU or GPU topology when compiling for
 hardware that is not here (mm_jax/aot.py). Every platform-dependent choice reads it, never
-`jax.default_backend()`: the kernel backend, interpret or compile, block sizes, what `auto`
-picks (mm_jax/backends.py), the QLoRA dequantisation order, peak FLOPs for MFU.
+the host's default backend: the kernel backend, interpret or compile, block sizes, what `auto`
+picks (mm_jax/kernels/choice.py), the QLoRA dequantisation order, peak FLOPs for MFU.
 
 `current()` answers inside traced code too: a target set with `use`, else the device kind of
 the mesh set by `jax.set_mesh` (as the train step and the dry run set it), else the local devices.
