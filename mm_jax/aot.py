@@ -50,6 +50,10 @@ def devices(machine: Machine) -> list[jax.Device]:
   from jax.experimental import topologies
 
   chip = machine.chip
+  if chip.platform == "gpu" and not chip.gpu_info:
+    known = ", ".join(c.name for c in accelerators.CHIPS.values() if c.gpu_info)
+    raise TargetError(f"--target={machine.name}: no compile facts for {chip.name} GPUs "
+                      f"(GPUs with them: {known})")
   try:
     if chip.platform == "tpu":
       kw = {"num_slices": machine.slices} if machine.slices > 1 else {}

@@ -56,6 +56,7 @@ def test_a_compile_failure_names_the_kernel_it_happened_in():
 @pytest.mark.parametrize("args,message", [
     (("--target=v5p-7",), "config error: --target: v5p-7: v5p names count TensorCores"),
     (("--target=h100x8", "--target_slices=2"), "slices are for TPU names"),
+    (("--target=l4x1",), "--target=l4x1: no compile facts for l4 GPUs (GPUs with them: h100"),
 ])
 def test_a_bad_target_is_one_line(args, message):
   from test_main import _main
