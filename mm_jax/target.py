@@ -57,16 +57,13 @@ class Target:
 
   @classmethod
   def of_device(cls, device) -> Target:
+    """A jax Device, or a mesh's AbstractDevice (no compute capability: the chip table's)."""
     platform = "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform
     return cls(platform, device.device_kind, _capability(device, platform))
 
   @classmethod
   def of_mesh(cls, mesh: jax.sharding.Mesh) -> Target:
     return cls.of_device(mesh.devices.flat[0])
-
-  @classmethod
-  def of_chip(cls, chip: accelerators.Chip) -> Target:
-    return cls(chip.platform, chip.device_kinds[0], chip.capability)
 
 
 def _capability(device, platform: str) -> tuple[int, int] | None:
@@ -102,12 +99,9 @@ def current() -> Target:
   if not abstract.empty and abstract.abstract_device is not None:
     dev = abstract.abstract_device
     mine = jax.local_devices()[0]
-    if dev.platform == mine.platform and dev.device_kind == mine.device_kind:
-      return Target.of_device(mine)  # the same chip: its own compute capability
-    platform = "gpu" if dev.platform in ("gpu", "cuda", "rocm") else dev.platform
-    chip = accelerators.chip_of(dev.device_kind)
-    capability = chip.capability if chip and platform == "gpu" else None
-    return Target(platform, dev.device_kind, capability)
+    # The same chip as here: its own compute capability; else the chip table's.
+    same = dev.platform == mine.platform and dev.device_kind == mine.device_kind
+    return Target.of_device(mine if same else dev)
   return local()
 
 

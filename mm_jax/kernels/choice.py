@@ -27,11 +27,14 @@ class Choice:
   why: str
 
 
+CPU = Choice("xla", "CPU: Pallas kernels would run in the interpreter (tests only)")
+
+
 def attention(tgt: Target, dtype: str, head_dims: tuple[int, ...]) -> Choice:
   """The attention backend for `tgt` and a model computing in `dtype` with these head dims
   (the decoder's and the towers')."""
   if tgt.platform == "cpu":
-    return Choice("xla", "CPU: Pallas kernels would run in the interpreter (tests only)")
+    return CPU
   if tgt.platform == "tpu":
     return Choice("pallas", "TPU: our flash kernels compile for v5e, v5p and v6e and keep no "
                             "[T, S] scores (7b stage 2 on v5p-8: 56.0 GiB per chip beside "
@@ -64,7 +67,7 @@ def _log_odd(t: int, s: int) -> None:
 def merge(tgt: Target) -> Choice:
   """The multimodal merge backend for `tgt`."""
   if tgt.platform == "cpu":
-    return Choice("xla", "CPU: Pallas kernels would run in the interpreter (tests only)")
+    return CPU
   if tgt.platform == "tpu":
     return Choice("xla", "TPU: our merge compiles but saves no memory (7b stage 2 on v5p-16: "
                          "40.55 GiB per chip beside 40.37 with XLA's) and moves rows by serial "

@@ -117,12 +117,6 @@ def _compile(lowered_fn, mesh, what: str):
   return compiled, time.perf_counter() - t0, note
 
 
-def _plan(compiled, devices: int) -> plan_lib.Plan:
-  m = compiled.memory_analysis()
-  return plan_lib.Plan(devices, m.argument_size_in_bytes, m.output_size_in_bytes,
-                       m.temp_size_in_bytes, m.alias_size_in_bytes)
-
-
 def _xla_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
@@ -144,7 +138,7 @@ def train_step(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Report:
   flops = metrics.flops_per_step(cfg.model, cfg.train.batch_size, spec.seq_len,
                                  cfg.train.batch_size * spec.images_per_sample, counts,
                                  state_lib.trainable_modules(built.abstract))
-  return Report("train step", _plan(compiled, mesh.size), seconds,
+  return Report("train step", plan_lib.Plan.of(compiled, mesh.size), seconds,
                 kernel_calls(compiled.as_text()), flops, _xla_flops(compiled), note)
 
 
@@ -185,7 +179,7 @@ def decode_step(cfg: Config, mesh: jax.sharding.Mesh) -> Report:
   compiled, seconds, note = _compile(lambda: fn.lower(state, batch, key), mesh, "decode step")
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   flops = 2.0 * params * rows * (prompt + g.max_new_tokens)  # 2 N per token, no attention
-  return Report("decode step", _plan(compiled, mesh.size), seconds,
+  return Report("decode step", plan_lib.Plan.of(compiled, mesh.size), seconds,
                 kernel_calls(compiled.as_text()), flops, _xla_flops(compiled), note)
 
 

@@ -31,6 +31,13 @@ class Plan:
   temp: int
   alias: int
 
+  @classmethod
+  def of(cls, compiled: jax.stages.Compiled, devices: int) -> Plan:
+    """XLA's memory analysis of a compiled step, per device."""
+    m = compiled.memory_analysis()
+    return cls(devices, m.argument_size_in_bytes, m.output_size_in_bytes,
+               m.temp_size_in_bytes, m.alias_size_in_bytes)
+
   @property
   def total(self) -> int:
     """What one device holds at the peak: arguments, outputs and temporaries, counting
@@ -60,6 +67,4 @@ def compiled_plan(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Plan:
   """Compiles `lower_train_step` and returns XLA's per-device memory analysis."""
   lowered = lower_train_step(cfg, mesh, built)
   with jax.set_mesh(mesh):
-    m = lowered.compile().memory_analysis()
-  return Plan(mesh.size, m.argument_size_in_bytes, m.output_size_in_bytes,
-              m.temp_size_in_bytes, m.alias_size_in_bytes)
+    return Plan.of(lowered.compile(), mesh.size)
