@@ -7,16 +7,41 @@
       --image=shape.png --prompt="what shape is it?"
 """
 
-import logging as std_logging
 import os
+import re
+import signal
 import sys
-import warnings
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mm_jax import supervise
 
-from mm_jax import cli
+
+def _stopped_early(signum, frame) -> None:
+  """A stop signal before training has a state: nothing to save; say so and exit 42 (the
+  scheduler's "restart me"). Installed before anything else is imported."""
+  del frame
+  os.write(2, f"{signal.Signals(signum).name} received before training started: nothing "
+              "to save, nothing lost; exit 42\n".encode())
+  os._exit(42)
+
+
+if __name__ == "__main__":
+  if supervise.wanted(sys.argv):  # training: a parent that turns crashes into one line
+    sys.exit(supervise.run(sys.argv, dump_dir=supervise.dump_dir(sys.argv)))
+  if supervise.training(sys.argv):
+    for _sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(_sig, _stopped_early)
+  # A file-size limit (RLIMIT_FSIZE) fails the write with EFBIG, reported in one line like a
+  # full disk, instead of killing the process with SIGXFSZ and a core dump.
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+import logging as std_logging  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mm_jax import cli, heartbeat  # noqa: E402
 
 _DEBUG_ARGS = ("--debug", "-debug")
 
@@ -109,6 +134,7 @@ def _excepthook(kind, value, tb, default=sys.excepthook):
 
 def main(argv):
   del argv
+  heartbeat.install_stack_dump()  # supervised: the watchdog's SIGUSR1 dumps every stack
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
   sys.excepthook = _excepthook
@@ -146,7 +172,12 @@ def main(argv):
   except Exception as e:  # noqa: BLE001 - one line each; --debug re-raises
     if _DEBUG.value:
       raise
+    if _peer_lost(e):  # a peer's death, seen here as a failed collective
+      _exit(f"peer lost: another process of the job stopped ({cli._first_line(e)[:160]}); "
+            f"exit {faults.EXIT_LOST}: restart the job (it resumes from the newest "
+            "checkpoint)", faults.EXIT_LOST)
     known = {faults.CheckpointError: "checkpoint error", config.ConfigError: "config error",
+             faults.WriteError: "error",
              DataError: "data error", DistributedError: "", PromptError: "error",
              BadRecord: "error", FileNotFoundError: "error", TargetError: "",
              CompileFailed: f"mm_jax: {_TARGET.value or 'cpu'}"}
@@ -155,6 +186,18 @@ def main(argv):
       _exit(f"error: {type(e).__name__}: {cli._first_line(e)} (traceback in "
             f"{_save_traceback()}; --debug prints it)")
     _exit(f"{kind}: {e}" if kind else str(e))
+
+
+_PEER_GONE = re.compile(r"gloo|connection (reset|closed|refused)|socket closed|broken pipe|"
+                        r"coordination service|heartbeat|unavailable|deadline_exceeded|"
+                        r"peer", re.IGNORECASE)
+
+
+def _peer_lost(e: BaseException) -> bool:
+  """A runtime error from a collective or the coordination service of a job of several
+  processes: the usual form of another process's death (the run itself is fine)."""
+  return (jax.process_count() > 1 and "RuntimeError" in type(e).__name__
+          and bool(_PEER_GONE.search(str(e))))
 
 
 def _target_machine():

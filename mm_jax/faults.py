@@ -5,10 +5,15 @@ A scheduler needs one fact from an exit code: restart me, or not. So:
   0   finished: train.steps done, the final checkpoint committed. Do not restart.
   1   an error a restart will not fix: bad config, data, workdir or checkpoints, a failed
       save (disk full), a failed distributed start. Fix it first.
-  3   diverged: train.max_nonfinite_steps non-finite steps in a row; every checkpoint on
-      disk is finite. Do not restart unchanged.
+  3   diverged: train.max_nonfinite_steps non-finite steps in a row; the checkpoints that
+      may hold the state that started them are set aside, the message names the resume
+      point. Do not restart unchanged.
   42  preempted (SIGTERM or SIGINT): every process saved the same step and the save
-      committed. Restart: the same command resumes.
+      committed, or the signal came before training started and nothing was lost.
+      Restart: the same command resumes.
+  43  lost: a peer process died, or the run made no progress for train.stall_timeout_s
+      (a stuck collective, writer or input pipeline). Nothing was saved by this attempt;
+      restart: the same command resumes from the newest intact checkpoint.
 
 Each message is one line; main.py prints it and exits with the code.
 """
@@ -19,6 +24,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 42
+EXIT_LOST = 43  # the same value as mm_jax/supervise.py's (which imports nothing of ours)
 
 
 class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
@@ -33,15 +39,39 @@ class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
 
 
 class Diverged(RuntimeError):
-  """Too many non-finite steps in a row. The state was never updated by one of them."""
+  """Too many non-finite steps in a row, `streak_start` to `step`. None of them updated the
+  state, but the state they started from may already be bad (a finite but huge update)."""
 
   exit_code = EXIT_DIVERGED
+
+  def __init__(self, message: str, *, step: int = 0, streak_start: int = 0):
+    super().__init__(message)
+    self.step, self.streak_start = step, streak_start
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or none could be read. One line, names the step."""
 
   exit_code = EXIT_ERROR
+
+
+class WriteError(OSError):
+  """A file of the run could not be written (disk full, quota, permissions, a store that
+  refuses). One line naming the file; the training loop adds the newest intact checkpoint.
+  An OSError, so code that handles a failed write as one still does."""
+
+  exit_code = EXIT_ERROR
+
+  @classmethod
+  def of(cls, path: str, e: BaseException) -> WriteError:
+    why = getattr(e, "strerror", None) or one_line(e)
+    return cls(f"cannot write {path}: {why}")
+
+
+class PeerLost(RuntimeError):
+  """Another process of the job died (a collective or the coordination service failed)."""
+
+  exit_code = EXIT_LOST
 
 
 class UnusableCheckpoint(CheckpointError):

@@ -16,11 +16,14 @@ Object stores have no append and no rename of a file being written, so:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
 
 from etils import epath
+
+from mm_jax.faults import WriteError
 
 
 def is_remote(path: str) -> bool:
@@ -122,20 +125,26 @@ def read_text(p: str, *, errors: str = "strict") -> str:
 
 
 def write_text(p: str, text: str) -> None:
-  """Writes `p` whole, atomically: a reader (or a crash) never sees half a file."""
-  if is_remote(p):
-    _call(p, lambda q: q.write_text(text))
-    return
-  tmp = f"{p}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+  """Writes `p` whole, atomically: a reader (or a crash) never sees half a file. A failure
+  is WriteError naming `p` (an OSError)."""
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, p)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    if is_remote(p):
+      _call(p, lambda q: q.write_text(text))
+      return
+    tmp = f"{p}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+      with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, p)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  except (WriteError, ImportError):
+    raise
+  except Exception as e:  # ENOSPC, EDQUOT, EACCES, a store's refusal: one line, the file
+    raise WriteError.of(p, e) from None
 
 
 class LineLog:
@@ -168,27 +177,40 @@ class LineLog:
       self.sync()
 
   def write(self, line: str, *, sync: bool = True, durable: bool = False) -> None:
-    self._file.write(line.rstrip("\n") + "\n")
+    """Appends one line; WriteError (naming the file) if it cannot be written."""
+    try:
+      self._file.write(line.rstrip("\n") + "\n")
+    except Exception as e:
+      raise WriteError.of(self.path, e) from None
     if sync:
       self.sync(durable=durable)
 
   def sync(self, *, durable: bool = False) -> None:
-    self._file.flush()
-    if self.remote:
-      with open(self._local, "rb") as f:
-        data = f.read()
-      _call(self.path, lambda q: q.write_bytes(data))
-    elif durable:
-      os.fsync(self._file.fileno())
+    try:
+      self._file.flush()
+      if self.remote:
+        with open(self._local, "rb") as f:
+          data = f.read()
+        _call(self.path, lambda q: q.write_bytes(data))
+      elif durable:
+        os.fsync(self._file.fileno())
+    except ImportError:
+      raise
+    except Exception as e:  # a full disk surfaces here (buffered writes) or in write()
+      raise WriteError.of(self.path, e) from None
 
   def close(self) -> None:
+    """Syncs and closes; WriteError if the last lines cannot be written. Closed either way."""
     if self._file is None:
       return
-    self.sync()
-    self._file.close()
-    self._file = None
-    if self.remote:
-      os.remove(self._local)
+    try:
+      self.sync()
+    finally:
+      file, self._file = self._file, None
+      with contextlib.suppress(OSError):  # the failure sync() reports
+        file.close()
+      if self.remote and os.path.exists(self._local):
+        os.remove(self._local)
 
 
 class LocalMirror:

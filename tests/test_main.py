@@ -148,7 +148,7 @@ def test_startup_and_divergence_errors_are_one_line_with_their_exit_code(tmp_pat
   if case == "file_workdir":
     assert last == f"config error: --workdir={w}: exists and is not a directory"
   else:
-    assert last.startswith("diverged: 3 non-finite steps in a row up to step "), last
+    assert last.startswith("diverged: 3 non-finite steps in a row, steps "), last
     records = [json.loads(line) for line in open(w / "metrics.jsonl")]  # valid JSON
     assert any(r.get("loss") is None for r in records)
 

@@ -147,9 +147,13 @@ class TrainConfig:
   log_every: int = 10  # steps between progress lines and metrics.jsonl records
   eval_every: int = 0  # 0: only at the end
   eval_batches: int = 0  # 0: the whole held-out split
-  # A step with a non-finite loss or gradient applies no update; this many in a row stop
-  # the run (exit 3, mm_jax/faults.py).
+  # A step with a non-finite loss, gradient, update or new state applies no update; this
+  # many in a row stop the run (exit 3, mm_jax/faults.py).
   max_nonfinite_steps: int = 10
+  # Seconds without progress (a step, a save, an eval batch) before the run is stopped in one
+  # line with exit 43, so that a stuck collective, writer or input pipeline cannot hold the
+  # machines forever; it must exceed the first compile and the slowest save. 0: off.
+  stall_timeout_s: float = 1800.0
   # Sequence positions per cross-entropy chunk (train/losses.py): the loss never holds
   # float32 [B, T, V] logits, only [B, loss_chunk, V]; 0: the whole sequence at once.
   loss_chunk: int = 0
@@ -158,6 +162,7 @@ class TrainConfig:
     _check(self.steps > 0, f"{key}.steps", "must be positive")
     _check(self.loss_chunk >= 0, f"{key}.loss_chunk", "must be >= 0 (0: no chunking)")
     _check(self.max_nonfinite_steps > 0, f"{key}.max_nonfinite_steps", "must be positive")
+    _check(self.stall_timeout_s >= 0, f"{key}.stall_timeout_s", "must be >= 0 (0: off)")
     _check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
     _check(self.log_every > 0, f"{key}.log_every", "must be positive")
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
@@ -168,6 +173,9 @@ class CheckpointConfig:
   every: int = 500  # steps between checkpoints
   keep: int = 3  # newest checkpoints kept (older ones rotate out only after a newer one commits)
   async_save: bool = True  # write checkpoints in the background while training goes on
+  # Resume from a checkpoint without its integrity record (digests), unverified: only for
+  # checkpoints written before digests existed. Off: such a checkpoint is refused by name.
+  allow_unverified: bool = False
 
   def validate(self, key: str) -> None:
     _check(self.every > 0, f"{key}.every", "must be positive")

@@ -4,17 +4,23 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 (or SIGKILL) mid-save leaves the previous checkpoint intact. On top of that:
 
 - every checkpoint carries an `integrity` item: each array's digest and finiteness
-  (mm_jax/train/integrity.py) plus the run's counters. A state with a non-finite array is
-  never written (CheckpointError). restore() recomputes the digests of what it read and
-  raises UnusableCheckpoint naming the step and the first array that differs.
+  (mm_jax/train/integrity.py), a digest of each process's data position, the run's
+  counters and config, and a digest of the whole record. A state with a non-finite array
+  is never written (CheckpointError). restore() checks the record, the data position
+  files and every array read against it, and raises UnusableCheckpoint naming the step
+  and the first part that differs. A checkpoint without a record is refused by name
+  unless config.checkpoint.allow_unverified.
 - rotation is ours, not orbax's (`max_to_keep=None`): old checkpoints are deleted only
-  after a newer one has committed with its digests, so no failed or half-written save
-  ever costs a good checkpoint.
+  after a newer one has committed and been vouched for (the step after it applied its
+  update: `vouch`), so no failed save, and no save of a state that turns out to start a
+  non-finite streak, ever costs the good checkpoints before it.
 - poll() (every step) surfaces a failed async save at once (a full disk), as
   CheckpointError naming the step and the newest intact checkpoint.
 """
 
 from __future__ import annotations
+
+import json
 
 import grain
 import jax
@@ -25,6 +31,7 @@ from mm_jax import paths
 from mm_jax.config import CheckpointConfig
 from mm_jax.faults import CheckpointError, UnusableCheckpoint, one_line
 from mm_jax.train import data_position, integrity
+from mm_jax.train import metrics as metrics_lib
 
 QUARANTINE = "checkpoints_unusable"  # beside checkpoints/: steps that failed verification
 
@@ -35,7 +42,7 @@ class Checkpointer:
         max_to_keep=None, enable_async_checkpointing=cfg.async_save, create=not read_only,
         read_only=read_only, cleanup_tmp_directories=not read_only)
     self.directory = paths.absolute(directory)
-    self.keep = cfg.keep
+    self.keep, self.allow_unverified = cfg.keep, cfg.allow_unverified
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -43,6 +50,9 @@ class Checkpointer:
                        "base": ocp.JsonCheckpointHandler(),
                        "integrity": ocp.JsonCheckpointHandler()})
     self._pending: list[int] = []  # saved, commit not yet confirmed
+    self._closed = False
+    self.vouched = -1  # checkpoints up to this step were followed by a step that applied
+    self.newest_intact: int | None = self.latest_step()  # committed, under its final name
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -51,10 +61,11 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_iterator, *, base: dict | None = None,
-           counters: dict | None = None) -> None:
+           counters: dict | None = None, config: dict | None = None) -> None:
     """Writes checkpoint `step` (async). With `base` (a LoRA run: mm_jax.train.base) the
     frozen parameters are left out and `base`, their fingerprint and source, is written
-    instead. `counters`: small run totals restored with the state (read_counters)."""
+    instead. `counters`: small run totals restored with the state (read_counters);
+    `config`: the run's config (read_config). Both are covered by the record's digest."""
     self.poll()  # a failed earlier save stops the run before another is started
     saved = state if base is None else state.replace(frozen=None)
     arrays = integrity.summarise(saved)
@@ -63,9 +74,11 @@ class Checkpointer:
       raise CheckpointError(
           f"refusing to write checkpoint step {step}: non-finite values in {bad[0]}"
           + (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""))
+    record = integrity.record(arrays, data=integrity.data_digests(data_iterator.get_state()),
+                              counters=counters or {}, config=config, base=base)
     items = {"state": ocp.args.StandardSave(saved),
              "data": grain.checkpoint.CheckpointSave(data_iterator),
-             "integrity": ocp.args.JsonSave({"arrays": arrays, "counters": counters or {}})}
+             "integrity": ocp.args.JsonSave(record)}
     if base is not None:
       items["base"] = ocp.args.JsonSave(base)
     try:
@@ -74,6 +87,13 @@ class Checkpointer:
       raise self._save_failed(step, e) from None
     self._pending.append(step)
     self.poll()
+
+  def vouch(self, step: int) -> None:
+    """Checkpoints up to `step` were followed by a step that applied its update (their state
+    is not the start of a non-finite streak): they may now rotate out older ones."""
+    self.vouched = max(self.vouched, step)
+    if not self._pending:
+      self._rotate()
 
   def poll(self) -> None:
     """Raises CheckpointError if an async save failed; once saves have committed, rotates
@@ -102,9 +122,14 @@ class Checkpointer:
       except Exception as e:
         why = e
       raise self._save_failed(lost[0], why)
+    self.newest_intact = max([*self._pending, self.newest_intact or 0])
     self._pending.clear()
-    steps = self.all_steps()
-    for old in steps[:-self.keep]:
+    self._rotate()
+
+  def _rotate(self) -> None:
+    # The newest `keep` vouched checkpoints stay, and every newer one not yet vouched.
+    vouched = [s for s in self.all_steps() if s <= self.vouched]
+    for old in vouched[:-self.keep]:
       self.manager.delete(old)
 
   def _save_failed(self, step: int, e: Exception) -> CheckpointError:
@@ -127,6 +152,9 @@ class Checkpointer:
     those are read."""
     if not paths.isdir(paths.join(self._step_dir(step), "state")):
       raise UnusableCheckpoint(step, "incomplete: no state/ folder")
+    record = self.read_record(step)  # before any array is read: a bad record ends it here
+    if data_iterator is not None and record is not None:
+      self._verify_data(step, record)
     if partial:  # orbax's partial restore: only these fields' arrays are read
       if data_iterator is not None:
         raise ValueError("a partial restore is for eval and generate: no data position")
@@ -150,13 +178,56 @@ class Checkpointer:
       if reshard:  # written by another number of processes: data_position.py
         data_iterator.set_state(data_position.resharded_state(
             data_dir, jax.process_count(), jax.process_index()))
-    self.verify(step, state)
+    self.verify(step, state, record)
+    if base is not None and record is not None and (
+        integrity.json_digest(base) != record.get("base")):
+      raise UnusableCheckpoint(step, "base/ (the LoRA base's fingerprint) does not match its "
+                                     "digest")
     return (state, base) if with_base else state
 
-  def verify(self, step: int, state) -> None:
-    """UnusableCheckpoint unless every array in `state` has the digest saved with it.
-    Checkpoints written before digests existed have no integrity item: not verified."""
-    record = self._read_json(step, "integrity")
+  def read_record(self, step: int) -> dict | None:
+    """Checkpoint `step`'s integrity record, checked against its own digest; None for a
+    checkpoint without one when config.checkpoint.allow_unverified (else refused)."""
+    try:
+      record = self._read_json(step, "integrity")
+    except Exception as e:
+      raise UnusableCheckpoint(step, f"integrity record unreadable ({one_line(e)})") from None
+    if record is None:
+      if not self.allow_unverified:
+        raise UnusableCheckpoint(step, "no integrity record (integrity/ is missing), so it "
+                                       "cannot be verified; a checkpoint written before "
+                                       "digests existed resumes with "
+                                       "--config.checkpoint.allow_unverified=True")
+      metrics_lib.log(f"checkpoint step {step}: no integrity record; used unverified "
+                      "(config.checkpoint.allow_unverified)")
+      return None
+    problem = integrity.check_record(record)
+    if problem and not (self.allow_unverified and "older mm_jax" in problem):
+      raise UnusableCheckpoint(step, problem)
+    return record
+
+  def _verify_data(self, step: int, record: dict) -> None:
+    """Each process's data-position file against the digest saved with it."""
+    want = record.get("data")
+    if want is None:  # an older record, accepted with allow_unverified
+      return
+    data_dir = paths.join(self._step_dir(step), "data")
+    n = len(want)
+    for i, digest in enumerate(want):
+      name = f"process_{i}-of-{n}.json"
+      try:
+        got = integrity.json_digest(json.loads(paths.read_text(paths.join(data_dir, name))))
+      except (OSError, ValueError) as e:
+        raise UnusableCheckpoint(step, f"data position {name} unreadable "
+                                       f"({one_line(e)})") from None
+      if got != digest:
+        raise UnusableCheckpoint(step, f"data position {name} does not match its digest "
+                                       f"(read {got}, saved {digest})")
+
+  def verify(self, step: int, state, record: dict | None = None) -> None:
+    """UnusableCheckpoint unless every array in `state` has the digest saved with it and
+    is finite. `record`: the checked record (read_record) where the caller has it."""
+    record = record if record is not None else self.read_record(step)
     if record is None:
       return
     restored = integrity.summarise(state)
@@ -166,10 +237,18 @@ class Checkpointer:
       want = record["arrays"].get(bad[0], {}).get("digest", "none")
       raise UnusableCheckpoint(step, f"array {bad[0]} does not match its digest (read {got}, "
                                      f"saved {want}; {len(bad)} arrays differ)")
+    poisoned = integrity.nonfinite(restored)
+    if poisoned:  # never written so; a checkpoint from elsewhere is not resumed into
+      raise UnusableCheckpoint(step, f"array {poisoned[0]} holds non-finite values")
 
   def read_counters(self, step: int) -> dict:
-    record = self._read_json(step, "integrity")
-    return dict(record["counters"]) if record else {}
+    record = self.read_record(step)
+    return dict(record.get("counters", {})) if record else {}
+
+  def read_config(self, step: int) -> dict | None:
+    """The config checkpoint `step` was written with (None for records without one)."""
+    record = self.read_record(step)
+    return record.get("config") if record else None
 
   def _read_json(self, step: int, item: str) -> dict | None:
     if not paths.isdir(paths.join(self._step_dir(step), item)):
@@ -212,7 +291,11 @@ class Checkpointer:
     self.poll()
 
   def close(self) -> None:
-    """Waits for any save in flight (a crash never loses one that can still commit)."""
+    """Waits for any save in flight (a crash never loses one that can still commit).
+    Idempotent."""
+    if self._closed:
+      return
+    self._closed = True
     try:
       self.manager.wait_until_finished()
     except Exception:  # noqa: S110  already reported by poll()/wait(), or about to be

@@ -12,9 +12,17 @@ array is sharded or in which order XLA reduces: a checkpoint written on 8 device
 when restored onto 1. Changing any one byte changes bits_i by d * 2^k (0 < d < 256,
 k <= 24), which times an odd weight is never 0 mod 2^32: every single-byte corruption is
 detected.
+
+Around the digests, the record (`record`) holds what else a resume reads: a digest of
+each process's data position (grain writes it as JSON beside the state), the run's
+counters and config, the LoRA base's digest, and a digest of the whole record, so that
+a changed byte anywhere a resume reads is found, not trusted.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +84,48 @@ def mismatches(stored: dict[str, dict], restored: dict[str, dict]) -> list[str]:
   restored tree may be a part of the stored one (eval reads only the weights)."""
   return [name for name, s in restored.items()
           if name not in stored or stored[name]["digest"] != s["digest"]]
+
+
+RECORD_VERSION = 2
+
+
+def json_digest(value) -> str | None:
+  """16 hex digits of sha256 over `value`'s canonical JSON (key order and spacing free, so
+  a file's pretty-printed copy has the digest of the dict it came from); None for None."""
+  if value is None:
+    return None
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def data_digests(local_state) -> list[str]:
+  """The digest of every process's data-position state, in process order (each process
+  passes its own; every process gets the whole list)."""
+  mine = json_digest(local_state)
+  if jax.process_count() == 1:
+    return [mine]
+  from jax.experimental import multihost_utils
+
+  rows = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(mine), np.uint8))
+  return [bytes(np.asarray(row, np.uint8)).hex() for row in np.asarray(rows)]
+
+
+def record(arrays: dict, *, data: list[str], counters: dict, config: dict | None,
+           base: dict | None) -> dict:
+  """A checkpoint's integrity record, sealed by the digest of everything else in it."""
+  body = {"version": RECORD_VERSION, "arrays": arrays, "data": data, "counters": counters,
+          "config": config, "base": json_digest(base)}
+  return {**body, "digest": json_digest(body)}
+
+
+def check_record(stored: dict) -> str | None:
+  """Why a record read back cannot be trusted, or None."""
+  if not isinstance(stored, dict) or "arrays" not in stored:
+    return "integrity record malformed"
+  if "digest" not in stored:
+    return ("integrity record from an older mm_jax (its data position, counters and config "
+            "have no digest); --config.checkpoint.allow_unverified=True resumes from it")
+  body = {k: v for k, v in stored.items() if k != "digest"}
+  if json_digest(body) != stored["digest"]:
+    return "integrity record does not match its own digest (edited or corrupt)"
+  return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -11,17 +12,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mm_jax import config as config_lib
-from mm_jax import distributed, paths, sharding
+from mm_jax import distributed, heartbeat, paths, sharding
 from mm_jax import goodput as goodput_lib
 from mm_jax.config import Config
 from mm_jax.data import pipeline, skips
-from mm_jax.faults import Diverged, Preempted
+from mm_jax.faults import Diverged, Preempted, WriteError
 from mm_jax.train import base as base_lib
+from mm_jax.train import lock as lock_lib
 from mm_jax.train import metrics as metrics_lib
 from mm_jax.train import recovery, stopping
 from mm_jax.train import state as state_lib
 from mm_jax.train import workdir as workdir_lib
-from mm_jax.train.checkpoint import Checkpointer
+from mm_jax.train.checkpoint import QUARANTINE, Checkpointer
 from mm_jax.train.step import eval_step, train_step
 
 
@@ -58,39 +60,93 @@ def train(cfg: Config, workdir: str) -> dict:
   """Trains to `cfg.train.steps`, resuming from the newest checkpoint in `workdir` that
   verifies. Raises Preempted (exit 42) after saving when a stop signal arrives, Diverged
   (exit 3) after `train.max_nonfinite_steps` skipped steps in a row, CheckpointError when
-  a save fails (mm_jax/faults.py)."""
+  a save fails, WriteError when another file cannot be written, WorkdirBusy when another
+  run holds the workdir (mm_jax/faults.py)."""
+  heartbeat.beat("start", stall_s=cfg.train.stall_timeout_s)
   workdir_lib.check_writable(workdir)
-  mesh = sharding.make_mesh(cfg.mesh)
-  check_batch(cfg, mesh)
-  goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
-  goodput.event("start", mode="train")
-  status, step = "error", 0
-  ckpt = Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint)
-  try:
-    with stopping.StopSignals() as signals:  # from here a signal stops at a step boundary
-      run = _Run(cfg, workdir, mesh, ckpt, goodput, signals)
-      result = run.loop()
+  with job_lock(workdir) as lock:  # before anything in the workdir is touched
+    mesh = sharding.make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
+    status, step = "error", 0
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint)
+    try:
+      goodput.event("start", mode="train")
+      run = _Run(cfg, workdir, mesh, ckpt, goodput, lock)
+      state, start = run.start()  # until here a signal ends the run at once (main.py)
+      with stopping.StopSignals() as signals:  # from here a signal stops at a step boundary
+        try:
+          result = run.loop(state, start, signals)
+        finally:
+          ckpt.close()  # waits for any async save: a crash never loses a checkpoint in flight
       status, step = "finished", cfg.train.steps
       return result
-  except Preempted as e:
-    status, step = "preempted", e.step
-    raise
-  except Diverged:
-    status = "diverged"
-    raise
+    except Preempted as e:
+      status, step = "preempted", e.step
+      raise
+    except Diverged:
+      status = "diverged"
+      raise
+    except WriteError as e:
+      raise WriteError(f"{e}; newest intact checkpoint: {_newest(ckpt)}; free the space "
+                       "(or fix the permission), then run the same command to resume") from None
+    finally:
+      ckpt.close()
+      with contextlib.suppress(OSError):  # a full disk was reported above, once
+        goodput.event("end", status=status, step=step)
+        goodput.close()
+
+
+class _Unlocked:
+  """What processes other than 0 hold: process 0 holds the job's lock."""
+
+  path = ""
+
+  def held(self) -> bool:
+    return True
+
+  def release(self) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def job_lock(workdir: str):
+  """The workdir's lock for the whole job, held by process 0 (mm_jax/train/lock.py). Every
+  process learns whether it was taken (one all-gather), so a second job stops on every
+  process with the holder named, before its Checkpointer cleans orbax's temporary folders
+  under the first one's feet."""
+  error = None
+  lock = _Unlocked()
+  if jax.process_index() == 0:
+    try:
+      lock = lock_lib.WorkdirLock(workdir, log=metrics_lib.log).acquire()
+    except config_lib.ConfigError as e:
+      error = e
+  if jax.process_count() > 1:
+    got = multihost_utils.process_allgather(np.array([error is None]))
+    if not np.all(got) and error is None:
+      error = lock_lib.WorkdirBusy(f"--workdir={workdir}: process 0 could not lock it (its "
+                                   "message names the holder)")
+  if error is not None:
+    raise error
+  try:
+    yield lock
   finally:
-    ckpt.close()  # waits for any async save: a crash never loses a checkpoint in flight
-    goodput.event("end", status=status, step=step)
-    goodput.close()
+    lock.release()
+
+
+def _newest(ckpt: Checkpointer) -> str:
+  step = ckpt.newest_intact
+  return f"step {step} in {ckpt.directory}" if step else f"none in {ckpt.directory}"
 
 
 class _Run:
   """One attempt of a training run: start or resume, then the step loop with its
   periodic hooks (log, eval, checkpoint, stop)."""
 
-  def __init__(self, cfg: Config, workdir: str, mesh, ckpt: Checkpointer, goodput, signals):
+  def __init__(self, cfg: Config, workdir: str, mesh, ckpt: Checkpointer, goodput, lock):
     self.cfg, self.workdir, self.mesh, self.ckpt = cfg, workdir, mesh, ckpt
-    self.goodput, self.signals = goodput, signals
+    self.goodput, self.lock = goodput, lock
     self.built = state_lib.build(cfg, mesh)
     self.spec = row_spec(cfg)
     self.stats = skips.SkipStats()
@@ -102,6 +158,7 @@ class _Run:
   def start(self):
     """The state and its step: the newest checkpoint that verifies, else a fresh one."""
     cfg, t0 = self.cfg, time.perf_counter()
+    heartbeat.beat("restore", ckpt=self.ckpt.newest_intact)
     with jax.set_mesh(self.mesh):
       state, start = recovery.restore_latest(self.built, cfg, self.ckpt, self.workdir,
                                              self.data)
@@ -111,7 +168,8 @@ class _Run:
       else:
         self.goodput.event("restore", step=start, dur_s=time.perf_counter() - t0)
         metrics_lib.log(f"resumed from step {start} in {self.workdir}")
-        diff = workdir_lib.config_diff(workdir_lib.saved_config(self.workdir), cfg)
+        saved = workdir_lib.saved_config(self.workdir) or self.ckpt.read_config(start)
+        diff = workdir_lib.config_diff(saved, cfg)
         if diff:
           metrics_lib.log(f"config differs from the saved run: {workdir_lib.format_diff(diff)}")
       # A LoRA run's checkpoints hold the fingerprint of its frozen base, not the base.
@@ -119,12 +177,23 @@ class _Run:
                     "source": base_lib.source(cfg)} if base_lib.saves_base(cfg) else None)
     # Only now: a refused resume (another base, a bad checkpoint) leaves the run's record.
     workdir_lib.write_config(cfg, self.workdir)
+    self.ckpt.vouch(start)  # resumed from: good, whatever followed it before
     return state, start
 
   def save(self, state, n: int, guard: stopping.StepGuard) -> None:
+    if guard.streak:  # the state is the one before the streak, which may be what caused it
+      metrics_lib.log(f"checkpoint step {n} not written: step {n} applied no update "
+                      f"(non-finite, {guard.streak} in a row)")
+      return
+    if not self.lock.held():
+      raise lock_lib.WorkdirBusy(f"--workdir={self.workdir}: this run no longer holds its "
+                                 f"lock ({self.lock.path}): another run took it over; "
+                                 f"stopping before checkpoint step {n}")
+    heartbeat.beat("checkpoint save", step=n)
     t0 = time.perf_counter()
     self.ckpt.save(n, state, self.data, base=self.base,
-                   counters={"skipped_nonfinite": guard.skipped_total})
+                   counters={"skipped_nonfinite": guard.skipped_total},
+                   config=config_lib.to_dict(self.cfg))
     self.goodput.event("checkpoint_save", step=n, dur_s=time.perf_counter() - t0)
 
   def evaluate(self, state, n: int, writer: metrics_lib.MetricsWriter) -> dict:
@@ -136,9 +205,39 @@ class _Run:
     write_eval_json(self.cfg, self.workdir, n, result)
     return result
 
-  def loop(self) -> dict:
+  def observe(self, guard: stopping.StepGuard, pending: list) -> None:
+    """Reads the flags of the steps in `pending` (in order, emptied); a step that applied its
+    update vouches for the checkpoint before it."""
+    while pending:
+      n, m = pending.pop(0)
+      guard.observe(n, m)
+      if not guard.streak:
+        self.ckpt.vouch(n - 1)
+
+  def diverged(self, e: Diverged) -> Diverged:
+    """The streak's message with the resume point: checkpoints from one step before the
+    streak on may hold the (finite but bad) state that started it, so they are set aside."""
+    self.ckpt.wait()
+    first = e.streak_start - 1
+    suspect = [s for s in self.ckpt.all_steps() if s >= first]
+    for s in suspect:
+      self.ckpt.quarantine(s)
+    left = self.ckpt.all_steps()
+    moved = (f"checkpoint(s) {', '.join(map(str, suspect))} (from step {first} on, which "
+             f"may hold the state that started it) moved to "
+             f"{paths.join(self.workdir, QUARANTINE)}; " if suspect else "")
+    resume = (f"the same command resumes from step {left[-1]}" if left else
+              f"no checkpoint before it is left: remove {paths.join(self.workdir, QUARANTINE)} "
+              "to start over")
+    return Diverged(f"{e}; {moved}{resume}, after lowering config.optim.lr or fixing the "
+                    "data", step=e.step, streak_start=e.streak_start)
+
+  def loop(self, state, start: int, signals: stopping.StopSignals) -> dict:
     cfg, total = self.cfg, self.cfg.train.steps
-    state, start = self.start()
+    if start >= total:  # restarting a finished run: nothing to train, nothing to append
+      metrics_lib.log(f"the run in {self.workdir} finished at step {start} already; nothing "
+                      "to do")
+      return _read_eval(self.workdir, start)
     guard = stopping.StepGuard(cfg.train.max_nonfinite_steps,
                                self.ckpt.read_counters(start).get("skipped_nonfinite", 0)
                                if start else 0)
@@ -152,9 +251,11 @@ class _Run:
     speed, window = metrics_lib.Throughput(start, total), _Window(self.goodput, start)
     losses = metrics_lib.LossWindow()
     last: dict = {}
-    pending = None  # (step, metrics) of the step before: its flags are read one step late
+    pending: list = []  # (step, metrics) whose flags are not read yet: read one step late
+    one_process = jax.process_count() == 1
     try:
       with jax.set_mesh(self.mesh):
+        heartbeat.beat("compile", step=start, ckpt=self.ckpt.newest_intact)
         for step in range(start, total):
           t0 = time.perf_counter()
           local = next(self.data)
@@ -162,7 +263,7 @@ class _Run:
           real = int((local["segment_ids"] > 0).sum())
           speed.add(real * jax.process_count())
           stop = jax.make_array_from_process_local_data(
-              self.stop_sh, self.signals.rows(len(local["tokens"])))
+              self.stop_sh, signals.rows(len(local["tokens"])))
           batch = pipeline.global_batch(local, self.batch_sh)
           if step == start and jax.process_count() > 1:
             # Compile, then meet: the first run's collectives rendezvous with a short
@@ -172,15 +273,23 @@ class _Run:
           state, m = step_fn(state, batch, stop)
           n = step + 1
           losses.add(m)
-          if pending is not None:
-            guard.observe(*pending)
-          pending = (n, m)
+          self.observe(guard, pending)  # the step before: it is done by now
+          pending.append((n, m))
+          heartbeat.beat("train", step=n, ckpt=self.ckpt.newest_intact)
           if n == start + 1:  # the first step's time is XLA's compile
             jax.block_until_ready(m)
             self.goodput.event("compile", dur_s=time.perf_counter() - t0)
             window.restart(n)
           self.ckpt.poll()  # a failed async save stops the run now, not at the next save
-          if n % cfg.train.log_every == 0 or n == total:
+          if one_process and signals.received:
+            guard.stop = True  # no other process to agree with: stop after this step
+          log = n % cfg.train.log_every == 0 or n == total
+          evals = (cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total
+                   and has_eval_data(cfg))
+          saves = n < total and (n % cfg.checkpoint.every == 0 or guard.stop)
+          if log or evals or saves:  # these wait for step n anyway: its flags first
+            self.observe(guard, pending)
+          if log:
             last = {**jax.device_get(m), **speed.report(n), **losses.report(),
                     **self.stats.metrics(),
                     "data/packing_efficiency": real / local["segment_ids"].size,
@@ -190,21 +299,19 @@ class _Run:
             del last["stop"]
             writer.write(n, last)
             metrics_lib.log(metrics_lib.progress_line(n, total, last))
-          if (cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total
-              and has_eval_data(cfg)):
+          if evals:
             window.flush(n)
             self.evaluate(state, n, writer)
             window.restart(n)
-          if n < total and (n % cfg.checkpoint.every == 0 or guard.stop):
+          if saves or (n < total and guard.stop):
             window.flush(n)
             self.save(state, n, guard)
             window.restart(n)
           if guard.stop and n < total:
             self.ckpt.wait()  # committed before we say so: a restart finds it
             self.goodput.event("preempted", step=n)
-            raise Preempted(n, self.signals.received or "a stop signal on another process")
-        if pending is not None:
-          guard.observe(*pending)
+            raise Preempted(n, signals.received or "a stop signal on another process")
+        self.observe(guard, pending)
         window.flush(total)
         if self.ckpt.latest_step() != total:
           self.save(state, total, guard)
@@ -212,13 +319,31 @@ class _Run:
         if not has_eval_data(cfg):
           metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
           metrics_lib.log(outputs_note(self.workdir, total, evaluated=False))
-          return last
-        result = self.evaluate(state, total, writer)
-        metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
-        metrics_lib.log(outputs_note(self.workdir, total, evaluated=True))
-        return {**last, **result}
-    finally:
-      writer.close()
+          result = last
+        else:
+          heartbeat.beat("eval", step=total, ckpt=self.ckpt.newest_intact)
+          result = {**last, **self.evaluate(state, total, writer)}
+          metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
+          metrics_lib.log(outputs_note(self.workdir, total, evaluated=True))
+    except BaseException as e:
+      with contextlib.suppress(OSError):  # the error in flight is the one to report
+        writer.close()
+      if isinstance(e, Diverged):
+        raise self.diverged(e) from None
+      raise
+    writer.close()
+    return result
+
+
+def _read_eval(workdir: str, step: int) -> dict:
+  """The eval a finished run wrote for its last step ({} if there is none)."""
+  path = paths.join(workdir, f"eval_{step}.json")
+  if not paths.exists(path):
+    return {}
+  try:
+    return json.loads(paths.read_text(path))
+  except (OSError, ValueError):
+    return {}
 
 
 def outputs_note(workdir: str, step: int, evaluated: bool) -> str:
@@ -277,6 +402,7 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
   names = pipeline.kind_names(cfg.data)
   per_kind = np.zeros((len(names), 2), np.int64)  # [kind, (exact, answers)]
   for local in data:
+    heartbeat.beat("eval")
     # A padding row has no loss token, so eval_step's sums skip it; per kind, its kind -1.
     kinds = np.where(local.pop("row_valid"), local.pop("kind")[:, 0], -1)
     out = fn(_weights(state), pipeline.global_batch(drop_modality(cfg, local), batch_sh))

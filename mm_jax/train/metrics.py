@@ -6,15 +6,19 @@ One JSON object per logged step with at least `step`, `loss`, `lr`, `tokens_per_
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
+import os
+import socket
 import time
 
 import jax
 
 from mm_jax import paths, target
 from mm_jax.config import ModelConfig
+from mm_jax.faults import WriteError
 
 
 def peak_flops_per_device(mesh: jax.sharding.Mesh | None = None) -> float | None:
@@ -49,7 +53,8 @@ def flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, images: int,
 class MetricsWriter:
   """Appends to metrics.jsonl and TensorBoard. `resume_step`: the step the run restarts
   from; records after it (steps the restart replays) are dropped from both first, so a
-  resumed run's metrics.jsonl has each step once."""
+  resumed run's metrics.jsonl has each step once. A record that cannot be written is a
+  WriteError naming the file, raised in the caller at once."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled and jax.process_index() == 0
@@ -58,28 +63,73 @@ class MetricsWriter:
       paths.makedirs(workdir)
       keep = None if resume_step is None else (lambda lines: _records_up_to(lines, resume_step))
       self._jsonl = paths.LineLog(paths.join(workdir, "metrics.jsonl"), keep=keep)
-      from tensorboardX import SummaryWriter
-      purge = {} if resume_step is None else {"purge_step": resume_step + 1}
       self._tb_dir = paths.LocalMirror(paths.join(workdir, "tensorboard"))
-      self._tb = SummaryWriter(self._tb_dir.local, **purge)
+      self._tb = EventFile(self._tb_dir.local,
+                           purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
     self._jsonl.write(json.dumps(record, allow_nan=False))
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self._tb.add_scalar(k, v, step)
-    if self._tb_dir.remote:
-      self._tb.flush()
-      self._tb_dir.sync()
+    self._tb.scalars(step, {k: v for k, v in record.items() if k != "step" and
+                            isinstance(v, (int, float)) and not isinstance(v, bool)})
+    self._tb_dir.sync()
 
   def close(self) -> None:
+    """Closes both files (WriteError if the last lines cannot be written)."""
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      self.enabled = False
+      try:
+        self._jsonl.close()
+      finally:
+        self._tb.close()
       self._tb_dir.sync()
+
+
+class EventFile:
+  """A TensorBoard event file, written synchronously by the caller.
+
+  tensorboardX's SummaryWriter writes from a thread behind a bounded queue: when that
+  thread died on a full disk, the next add_scalar blocked the training thread forever.
+  Here a failed write is a WriteError naming the file, in the caller, at once. A few
+  scalars every log_every steps cost nothing to write in line."""
+
+  def __init__(self, directory: str, *, purge_step: int | None = None):
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.record_writer import RecordWriter
+
+    self._event = Event
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self.path = os.path.join(directory, name)
+    try:
+      self._writer = RecordWriter(self.path)
+    except OSError as e:
+      raise WriteError.of(self.path, e) from None
+    first = [Event(wall_time=time.time(), file_version="brain.Event:2")]
+    if purge_step is not None:  # TensorBoard hides the replayed steps after it
+      first.append(Event(wall_time=time.time(), step=purge_step,
+                         session_log=SessionLog(status=SessionLog.START)))
+    self._write(first)
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    from tensorboardX.summary import scalar
+
+    now = time.time()
+    self._write([self._event(wall_time=now, step=int(step), summary=scalar(k, float(v)))
+                 for k, v in values.items()])
+
+  def _write(self, events) -> None:
+    try:
+      for e in events:
+        self._writer.write(e.SerializeToString())
+      self._writer.flush()
+    except OSError as e:
+      raise WriteError.of(self.path, e) from None
+
+  def close(self) -> None:
+    with contextlib.suppress(OSError):  # a failed flush was reported by _write
+      self._writer.close()
 
 
 def _py(v):
@@ -166,6 +216,9 @@ def progress_line(step: int, total: int, m: dict) -> str:
 
 
 def log(line: str) -> None:
-  """Progress goes to stdout on process 0 (library INFO logs are silenced in main.py)."""
+  """Progress goes to stdout on process 0 (library INFO logs are silenced in main.py). A
+  console that cannot be written (stdout redirected to a full disk) does not stop the run:
+  metrics.jsonl holds the same figures and fails loudly itself."""
   if jax.process_index() == 0:
-    print(line, flush=True)
+    with contextlib.suppress(OSError):
+      print(line, flush=True)

@@ -3,8 +3,9 @@
 `train_step(state, batch, stop) -> (state, metrics)` has no Python side effects; `loop.py`
 jits it once with explicit in/out shardings and donates `state`. A step whose loss or
 gradient is not finite applies no update (parameters and optimizer state come back
-unchanged, `skipped_nonfinite` = 1): one bad batch or an overflow never poisons the state,
-and every checkpoint stays finite. Gradient accumulation runs
+unchanged, `skipped_nonfinite` = 1), and so does one whose update, new parameters or new
+optimizer state are not: one bad batch or an overflow never poisons the state, and every
+checkpoint stays finite. Gradient accumulation runs
 micro-batches in a `lax.scan` and applies ONE optimizer update, normalising by the loss
 tokens of the whole batch so the result equals the unaccumulated step.
 """
@@ -100,9 +101,14 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, stop: jax.Array | N
 
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_params = optax.apply_updates(state.params, updates)
+  # Finite loss and gradient are not enough: a huge lr makes a finite gradient's update
+  # inf, and a finite update can still overflow a parameter. Each array's all(isfinite)
+  # (not a norm, whose square sum would overflow on large but finite values).
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(updates)
+            & _all_finite(new_params) & _all_finite(opt_state))
   keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  params = keep_if_bad(optax.apply_updates(state.params, updates), state.params)
+  params = keep_if_bad(new_params, state.params)
   opt_state = keep_if_bad(opt_state, state.opt_state)
   metrics = {"loss": loss, "accuracy": correct / n_loss, "grad_norm": grad_norm,
              "lr": fns.schedule(state.step), "loss_tokens": mask.sum(),
@@ -112,6 +118,13 @@ def train_step(fns: StepFns, state: TrainState, batch: dict, stop: jax.Array | N
     metrics["stop"] = stop.any()
   # The step counter advances either way: the data position and the schedule stay in step.
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  """bool[]: every floating value in `tree` is finite (integer leaves, e.g. counts, are)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def eval_step(fns: StepFns, state: TrainState, batch: dict) -> dict:

@@ -8,8 +8,10 @@ waits on the step it just launched):
   the same value after the same step and save the same step, with no extra collective
   and whether or not `jax.distributed` is up. (jax's own preemption sync point hears only
   SIGTERM, and only when distributed.)
-- `skipped_nonfinite`: the step left the state unchanged because the loss or the gradient
-  was not finite (step.py); `max_nonfinite` of them in a row raise Diverged.
+- `skipped_nonfinite`: the step left the state unchanged because the loss, the gradient,
+  the update or the new state was not finite (step.py); `max_nonfinite` of them in a row
+  raise Diverged, which names the streak so that the loop can set aside the checkpoints
+  that may hold the state that started it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class StopSignals:
     del frame
     name = signal.Signals(signum).name
     if self.received:
-      _say(f"{name} received while stopping: ignored; the save in progress continues")
+      _say(f"{name} received again: ignored; the run is already stopping (it saves, then "
+           "exits 42)")
       return
     self.received = name
     _say(f"{name} received: saving a checkpoint after this step, then exiting 42")
@@ -65,25 +68,34 @@ def _say(line: str) -> None:
 
 
 class StepGuard:
-  """Reads a step's `stop` and `skipped_nonfinite` flags; counts skipped steps."""
+  """Reads the steps' `stop` and `skipped_nonfinite` flags in order; counts skipped steps.
+
+  `observe(step, metrics)` for every step, in order (the loop reads each one step late, or
+  at once before a save, so a checkpoint's counter includes its own step)."""
 
   def __init__(self, max_nonfinite: int, skipped_total: int = 0):
     self.max_nonfinite = max_nonfinite
     self.skipped_total = skipped_total  # over the whole run, restored from the checkpoint
     self.streak = 0
+    self.streak_start = 0  # the first skipped step of the current streak
+    self.last_finite = 0  # the newest step that applied its update
+    self.observed = 0  # the newest step observed
     self.stop = False  # every process saw a stop signal's flag
 
   def observe(self, step: int, metrics: dict) -> None:
+    """Raises Diverged(step, streak_start) at the max_nonfinite-th skipped step in a row."""
     flags = jax.device_get({k: metrics[k] for k in ("stop", "skipped_nonfinite")
                             if k in metrics})
+    self.observed = step
     self.stop = self.stop or bool(flags.get("stop", False))
     if bool(flags["skipped_nonfinite"]):
       self.skipped_total += 1
       self.streak += 1
+      self.streak_start = self.streak_start if self.streak > 1 else step
     else:
-      self.streak = 0
+      self.streak, self.last_finite = 0, step
     if self.streak >= self.max_nonfinite:
       raise Diverged(
-          f"diverged: {self.streak} non-finite steps in a row up to step {step} "
-          f"(config.train.max_nonfinite_steps={self.max_nonfinite}); no update was applied "
-          "and every checkpoint on disk is finite: lower config.optim.lr or check the data")
+          f"diverged: {self.streak} non-finite steps in a row, steps {self.streak_start}-"
+          f"{step} (config.train.max_nonfinite_steps={self.max_nonfinite}); none applied "
+          "its update", step=step, streak_start=self.streak_start)

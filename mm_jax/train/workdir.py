@@ -42,7 +42,8 @@ def saved_config(workdir: str) -> dict | None:
   try:
     return json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
-    raise ConfigError(f"{path}: unreadable ({e}); move it away to start over") from None
+    raise ConfigError(f"{path}: unreadable ({e}); delete it to resume with the config saved "
+                      "in the newest checkpoint, or use a new --workdir to start over") from None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

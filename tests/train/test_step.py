@@ -68,3 +68,27 @@ def test_micro_batches_must_split_over_data_parallel_devices():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
   with pytest.raises(config_lib.ConfigError, match="config.optim.grad_accum: micro-batch 2"):
     loop.check_batch(cfg, mesh)
+
+
+def test_a_nonfinite_update_applies_nothing():
+  """lr 1e39 is inf in float32: finite loss and gradient, an inf update. No step may change
+  the state: each is skipped and counted, parameters and optimizer state as they were."""
+  cfg = tiny_config(**SMALL, **{"optim.lr": 1e39, "optim.warmup_steps": 0,
+                                "optim.schedule": "constant"})
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  built = state_lib.build(cfg, mesh)
+  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  step = jax.jit(functools.partial(train_step, built.fns))
+  with jax.set_mesh(mesh):
+    state = state_lib.initialise(built)
+    skipped = []
+    for _ in range(2):
+      before = jax.device_get((state.params, state.opt_state))
+      state, m = step(state, jax.tree.map(jnp.asarray, next(data)))
+      skipped.append(int(m["skipped_nonfinite"]))
+      if skipped[-1]:
+        after = jax.device_get((state.params, state.opt_state))
+        for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+          np.testing.assert_array_equal(x, y)
+  assert skipped == [1, 1], skipped
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
