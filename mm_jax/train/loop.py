@@ -316,6 +316,8 @@ class _Run:
         if self.ckpt.latest_step() != total:
           self.save(state, total, guard)
         self.ckpt.wait()
+        if not guard.streak:  # the run's result: no step follows to vouch for it
+          self.ckpt.vouch(total)
         if not has_eval_data(cfg):
           metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
           metrics_lib.log(outputs_note(self.workdir, total, evaluated=False))

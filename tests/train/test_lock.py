@@ -247,7 +247,7 @@ def test_lease_live_holder_is_busy_within_the_lease(tmp_path, spawn):
 def test_lease_holder_renews_while_it_settles(tmp_path, spawn):
   # A starter renews from its first write: one that is still in its settle_s (here longer
   # than our lease) when we look is alive, not stale.
-  child = spawn(_HOLDER, str(tmp_path), json.dumps(dict(LEASE, settle_s=3.0)))
+  child = spawn(_HOLDER, str(tmp_path), json.dumps(dict(LEASE, settle_s=2.0)))
   deadline = time.monotonic() + SLACK_S
   while not os.path.exists(tmp_path / LOCK_FILE):
     assert time.monotonic() < deadline, "the child never wrote its record"
