@@ -226,9 +226,13 @@ class _Run:
     moved = (f"checkpoint(s) {', '.join(map(str, suspect))} (from step {first} on, which "
              f"may hold the state that started it) moved to "
              f"{paths.join(self.workdir, QUARANTINE)}; " if suspect else "")
-    resume = (f"the same command resumes from step {left[-1]}" if left else
-              f"no checkpoint before it is left: remove {paths.join(self.workdir, QUARANTINE)} "
-              "to start over")
+    if left:
+      resume = f"the same command resumes from step {left[-1]}"
+    elif suspect:
+      resume = (f"no checkpoint before it is left: remove {paths.join(self.workdir, QUARANTINE)}"
+                " to start over")
+    else:
+      resume = "no checkpoint was written before it: the same command starts over"
     return Diverged(f"{e}; {moved}{resume}, after lowering config.optim.lr or fixing the "
                     "data", step=e.step, streak_start=e.streak_start)
 

@@ -66,11 +66,43 @@ def _metadata_only(workdir, step):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _edit_data_position(workdir, step):
+  """One byte of the data position changed, still valid JSON: another place in the data."""
+  path = os.path.join(workdir, "checkpoints", str(step), "data", "process_0-of-1.json")
+  text = open(path).read()
+  index = json.loads(text)["parent"]["parent"]["next_index"]
+  edited = text.replace(f'"next_index": {index}', f'"next_index": {index + 1}', 1)
+  assert edited != text and len(edited) == len(text)
+  open(path, "w").write(edited)
+
+
+def _edit_counter(workdir, step):
+  """The record's skip counter changed (as a careless repair would): valid JSON still."""
+  path = os.path.join(workdir, "checkpoints", str(step), "integrity", "metadata")
+  record = json.load(open(path))
+  record["counters"]["skipped_nonfinite"] += 1
+  json.dump(record, open(path, "w"))
+
+
+def _no_integrity(workdir, step, flip=False):
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "integrity"))
+  if flip:
+    _flip(_largest_array_file(workdir, step))
+
+
+# fault -> (stage it on checkpoint 10, what the one line says)
 CORRUPTIONS = {
-    "flipped_byte": lambda w: _flip(_largest_array_file(w, 10)),
-    "truncated_file": lambda w: _truncate(_largest_array_file(w, 10)),
-    "deleted_file": lambda w: os.remove(_largest_array_file(w, 10)),
-    "metadata_only": lambda w: _metadata_only(w, 10),
+    "flipped_byte": (lambda w: _flip(_largest_array_file(w, 10)), "array "),
+    "truncated_file": (lambda w: _truncate(_largest_array_file(w, 10)), "array "),
+    "deleted_file": (lambda w: os.remove(_largest_array_file(w, 10)), "array "),
+    "metadata_only": (lambda w: _metadata_only(w, 10), "metadata unreadable"),
+    "data_position_edited": (lambda w: _edit_data_position(w, 10),
+                             "data position process_0-of-1.json does not match its digest"),
+    "counter_edited": (lambda w: _edit_counter(w, 10),
+                       "integrity record does not match its own digest"),
+    "integrity_deleted": (lambda w: _no_integrity(w, 10), "no integrity record"),
+    "integrity_deleted_array_flipped": (lambda w: _no_integrity(w, 10, flip=True),
+                                        "no integrity record"),
 }
 
 
@@ -79,7 +111,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(fault, trained, 
                                                                 capsys):
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
-  CORRUPTIONS[fault](workdir)
+  stage, said = CORRUPTIONS[fault]
+  stage(workdir)
   cfg = _cfg(**{"train.steps": 10})
   mesh = sharding.make_mesh(cfg.mesh)
   built = state_lib.build(cfg, mesh)
@@ -91,22 +124,41 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(fault, trained, 
   assert step == 5 and int(state.step) == 5
   lines = [line for line in capsys.readouterr().out.splitlines() if "unusable" in line]
   assert len(lines) == 1 and lines[0].startswith("checkpoint step 10 is unusable: ")
-  if fault != "metadata_only":  # the array is named
+  assert said in lines[0], lines[0]
+  if said == "array ":  # the array is named
     assert "array params/" in lines[0] or "array opt_state/" in lines[0], lines[0]
   assert os.listdir(os.path.join(workdir, QUARANTINE)) == ["10"]  # kept, not deleted
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["5"]
 
 
-def test_a_flipped_byte_resumes_from_the_previous_checkpoint_to_the_same_loss(trained,
-                                                                             tmp_path):
+@pytest.mark.parametrize("fault", ["flipped_byte", "data_position_edited",
+                                   "integrity_deleted_array_flipped"])
+def test_a_corrupt_checkpoint_resumes_from_the_previous_to_the_same_loss(fault, trained,
+                                                                         tmp_path):
   straight = _records(trained)
   workdir = str(tmp_path / "run")
   shutil.copytree(trained, workdir)
-  CORRUPTIONS["flipped_byte"](workdir)
+  CORRUPTIONS[fault][0](workdir)
   result = loop.train(_cfg(**{"train.steps": 10}), workdir)  # redoes steps 6-10
   np.testing.assert_allclose(result["loss"], straight[9]["loss"], rtol=1e-6)
   steps = [r["step"] for r in _records(workdir) if "loss" in r]
   assert steps == list(range(1, 11))  # the replayed steps once each
+
+
+def test_a_checkpoint_without_its_record_resumes_unverified_only_when_allowed(trained, tmp_path,
+                                                                              capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  _no_integrity(workdir, 10)
+  cfg = _cfg(**{"train.steps": 10, "checkpoint.allow_unverified": True})
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(cfg, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+  with jax.set_mesh(mesh):
+    _, step = recovery.restore_latest(built, cfg, ckpt, workdir)
+  ckpt.close()
+  assert step == 10
+  assert "checkpoint step 10: no integrity record; used unverified" in capsys.readouterr().out
 
 
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(trained, tmp_path):
@@ -181,6 +233,46 @@ def test_divergence_stops_after_the_cap_and_writes_no_nonfinite_checkpoint(tmp_p
   ckpt.close()
   with open(os.path.join(workdir, "goodput.jsonl")) as f:
     assert json.loads(f.readlines()[-1])["status"] == "diverged"
+
+
+def test_a_streak_that_ends_the_run_sets_aside_the_checkpoint_that_may_have_started_it(
+    trained, tmp_path, monkeypatch):
+  """Steps 7-9 non-finite (max 3): no checkpoint is written during the streak, checkpoint 6
+  (the state step 7 started from) is set aside, and the message names step 4 as the resume
+  point. The same command without the bad data resumes there and ends with the loss of the
+  uninterrupted run."""
+  real, calls = pipeline.global_batch, [0]
+
+  def poisoned(local, shardings):
+    calls[0] += 1
+    if calls[0] >= 7:
+      local = {**local, "images": np.full_like(local["images"], np.nan)}
+    return real(local, shardings)
+
+  monkeypatch.setattr(pipeline, "global_batch", poisoned)
+  workdir = str(tmp_path)
+  cfg = _cfg(**{"train.steps": 10, "checkpoint.every": 2, "train.max_nonfinite_steps": 3})
+  with pytest.raises(Diverged) as e:
+    loop.train(cfg, workdir)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("diverged: 3 non-finite steps in a row, steps 7-9 "), message
+  assert "checkpoint(s) 6 (from step 6 on" in message, message
+  assert "the same command resumes from step 4" in message, message
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["2", "4"]
+  assert os.listdir(os.path.join(workdir, QUARANTINE)) == ["6"]
+  monkeypatch.undo()  # the data is fixed
+  result = loop.train(cfg, workdir)
+  np.testing.assert_allclose(result["loss"], _records(trained)[9]["loss"], rtol=1e-6)
+
+
+def test_an_infinite_update_from_the_first_step_diverges_with_nothing_written(tmp_path):
+  workdir = str(tmp_path)
+  cfg = _cfg(**{"train.steps": 20, "checkpoint.every": 2, "optim.lr": 1e39,
+                "train.max_nonfinite_steps": 3})
+  with pytest.raises(Diverged, match=r"steps 1-3 .*no checkpoint was written before it"):
+    loop.train(cfg, workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == []
 
 
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
