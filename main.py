@@ -132,8 +132,27 @@ def _excepthook(kind, value, tb, default=sys.excepthook):
   default(kind, value, tb)
 
 
+def _quiet_closed_loops() -> None:
+  """After a failed save, tensorstore's callbacks for the writes still in flight call
+  call_soon_threadsafe on the event loop orbax already closed, and tensorstore prints each
+  RuntimeError with PyErr_Print from its own threads (hundreds of tracebacks; no Python
+  hook sees them). The failure itself is reported in one line; such a late callback has
+  nobody left to run it, so it is dropped instead."""
+  import asyncio.base_events as base_events
+
+  call = base_events.BaseEventLoop.call_soon_threadsafe
+
+  def call_soon_threadsafe(self, callback, *args, **kwargs):
+    if self.is_closed():
+      return None
+    return call(self, callback, *args, **kwargs)
+
+  base_events.BaseEventLoop.call_soon_threadsafe = call_soon_threadsafe
+
+
 def main(argv):
   del argv
+  _quiet_closed_loops()
   heartbeat.install_stack_dump()  # supervised: the watchdog's SIGUSR1 dumps every stack
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   logging.get_absl_handler().addFilter(_NoLibraryTracebacks())

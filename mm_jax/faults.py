@@ -24,7 +24,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 42
-EXIT_LOST = 43  # the same value as mm_jax/supervise.py's (which imports nothing of ours)
+EXIT_LOST = 43
 
 
 class Preempted(Exception):  # noqa: N818 (an outcome, not an error)

@@ -39,9 +39,9 @@ import subprocess
 import sys
 import time
 
-from mm_jax.faults import EXIT_PREEMPTED  # mm_jax.faults is stdlib-only too
+# mm_jax.faults is stdlib-only too. EXIT_LOST: restartable, a peer died or the run stalled.
+from mm_jax.faults import EXIT_LOST, EXIT_PREEMPTED
 
-EXIT_LOST = 43  # restartable: a peer died, or the run stalled (the watchdog), nothing saved
 ENV_SUPERVISED = "MM_JAX_SUPERVISED"  # set in the child: it must not supervise itself again
 ENV_BEAT_FD = "MM_JAX_BEAT_FD"  # the child's end of the progress pipe
 ENV_OFF = "MM_JAX_NO_SUPERVISOR"  # =1: run in this process (e.g. to debug with breakpoint())

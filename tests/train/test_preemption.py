@@ -40,14 +40,15 @@ def _free_port() -> int:
 class Job:
   """`n` processes of main.py on one workdir, each with `devices` CPU devices."""
 
-  def __init__(self, workdir, n: int = 1, devices: int = 4, wrap: str = ""):
+  def __init__(self, workdir, n: int = 1, devices: int = 4, wrap: str = "",
+               flags: tuple[str, ...] = ()):
     self.workdir, port = str(workdir), _free_port()
     os.makedirs(self.workdir, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
     self.logs, self.procs = [], []
     for i in range(n):
-      argv = ["main.py", f"--workdir={self.workdir}", *FLAGS]
+      argv = ["main.py", f"--workdir={self.workdir}", *FLAGS, *flags]
       # wrap: Python run before main.py in the child (runpy keeps main.py's __main__).
       args = ([sys.executable, "-c", f"{wrap}; import runpy, sys; sys.argv = {argv!r}; "
                "runpy.run_path('main.py', run_name='__main__')"] if wrap
@@ -73,6 +74,21 @@ class Job:
       if p.poll() is None:
         p.kill()
         p.wait()
+
+  def child(self, i: int = 0) -> int:
+    """The pid of process i's training process (main.py runs it under a supervisor)."""
+    pid = self.procs[i].pid
+    deadline = time.time() + 60
+    while time.time() < deadline:
+      try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+          children = f.read().split()
+      except FileNotFoundError:
+        children = []
+      if children:
+        return int(children[0])
+      time.sleep(0.01)
+    raise AssertionError(f"process {i} started no training process")
 
   def output(self, i: int = 0) -> str:
     self.logs[i].seek(0)
@@ -178,14 +194,14 @@ def test_sigkill_during_an_async_save_loses_nothing_committed(tmp_path, referenc
 def test_a_save_that_fails_stops_the_run_at_once_with_the_previous_checkpoint_intact(
     tmp_path):
   """A full disk, for real: after the step-3 checkpoint commits, the process may write no
-  file beyond 256 KiB (RLIMIT_FSIZE; SIGXFSZ ignored so writes fail with EFBIG, as they
+  file beyond 256 KiB (RLIMIT_FSIZE; main.py ignores SIGXFSZ, so writes fail with EFBIG, as they
   fail with ENOSPC on a full disk). The step-6 save fails in orbax's background thread."""
   import resource
 
   workdir = str(tmp_path / "run")
-  job = Job(workdir, wrap="import signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)")
+  job = Job(workdir)
   _wait_for(lambda: "3" in _checkpoints(workdir), job, "checkpoint 3 committed")
-  resource.prlimit(job.procs[0].pid, resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))
+  resource.prlimit(job.child(), resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))
   assert job.wait() == [1], job.all_output()
   last = job.output().strip().splitlines()[-1]
   assert last.startswith("checkpoint error: checkpoint step 6 failed to save ("), last
