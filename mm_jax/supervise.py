@@ -331,23 +331,29 @@ class _Supervisor:
            f"{self.report_path}; exit {EXIT_LOST}: the same command {then}")
       return EXIT_LOST
     code = self.proc.returncode
-    if code >= 0 or -code == self.forwarded:  # no crash: what it said is no crash dump
+    lines = [line.decode(errors="replace") for line in (*self.diverted, *self.ring)]
+    at = next((i for i, line in enumerate(lines) if _JAX_FATAL in line),
+              next((i for i, line in enumerate(lines) if _PEER.search(line)), None))
+    # A peer's death races two ways in the child: jax's abort, or a collective that fails
+    # first and ends the child with its own EXIT_LOST line (then in the report, after jax's
+    # fatal line). Either way one line here, naming the process where jax did.
+    peer = at is not None and (code == EXIT_LOST or (code < 0 and -code != self.forwarded))
+    if not peer and (code >= 0 or -code == self.forwarded):  # no crash dump to keep back
       self._release()
-    if code >= 0:  # the child said why itself
+    if code >= 0 and not peer:  # the child said why itself
       if self.report_path is not None:
         _say(f"report in {self.report_path}")
       return code
     signum = -code
     name = _signal_name(signum)
-    if signum == self.forwarded:
+    if not peer and signum == self.forwarded:
       _say(f"stopped by {name} before training started: nothing to save, nothing lost; "
            f"exit {EXIT_PREEMPTED}")
       return EXIT_PREEMPTED
-    lines = [line.decode(errors="replace") for line in (*self.diverted, *self.ring)]
-    self._divert(f"killed by {name}", more=False)  # the last lines, if no report yet
-    at = next((i for i, line in enumerate(lines) if _JAX_FATAL in line),
-              next((i for i, line in enumerate(lines) if _PEER.search(line)), None))
-    if at is None:
+    if code < 0 or self.report_path is None:
+      why = f"killed by {name}" if code < 0 else "a peer died"
+      self._divert(why, more=False)  # the last lines, if no report yet
+    if not peer:
       hint = (" (out of host memory? the kernel's OOM killer sends it; see dmesg)"
               if signum == signal.SIGKILL else "")
       _say(f"crashed: killed by {name}{hint}; report in {self.report_path}")
