@@ -24,7 +24,7 @@ import yaml
 
 from launch import tpu
 from mm_jax.distributed import DEFAULT_PORT
-from mm_jax.faults import EXIT_PREEMPTED
+from mm_jax.faults import EXIT_LOST, EXIT_PREEMPTED
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 CONTAINER = "main"
@@ -243,10 +243,12 @@ def _job_spec(spec: JobSpec) -> dict:
     # with reason BackoffLimitExceeded (a lone restarted pod could not rejoin jax anyway).
     "backoffLimit": 0,
     "podFailurePolicy": {"rules": [
-      # exit 42: main.py saved and wants a restart. FailJob ends the Job at once with reason
-      # PodFailurePolicy, which the JobSet rule below restarts without counting.
+      # exit 42: main.py saved and wants a restart; 43: a peer died (or the run stalled) and
+      # the survivors stopped so the job can restart from its newest checkpoint. FailJob
+      # ends the Job at once with reason PodFailurePolicy, which the JobSet rule below
+      # restarts without counting.
       {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                            "values": [EXIT_PREEMPTED]}},
+                                            "values": [EXIT_PREEMPTED, EXIT_LOST]}},
       # A pod disrupted by node drain, spot reclaim or maintenance (if it died before
       # exiting 42 itself): the same, since its last checkpoint is intact.
       {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget",

@@ -24,7 +24,7 @@ import kubernetes_validate
 
 from launch import gke
 from launch import tpu as tpu_lib
-from mm_jax.faults import EXIT_PREEMPTED
+from mm_jax.faults import EXIT_LOST, EXIT_PREEMPTED
 
 KUBERNETES_VERSION = "1.33.0"
 SCHEMA = Path(__file__).parent / "schemas" / "jobset-v1alpha2.json"
@@ -144,7 +144,7 @@ def _check_env(m, container, tpu, hosts, slices, at) -> None:
 
 
 def _check_failure_chain(m, job, at) -> None:
-  """42 and DisruptionTarget -> FailJob -> restart without counting; all else -> fail."""
+  """42, 43 and DisruptionTarget -> FailJob -> restart without counting; all else -> fail."""
   if job.get("backoffLimit") != 0:
     _fail(f"{at}.backoffLimit", f"{job.get('backoffLimit')}: must be 0 (a failure not "
           "matched by podFailurePolicy ends the Job: BackoffLimitExceeded)")
@@ -152,9 +152,9 @@ def _check_failure_chain(m, job, at) -> None:
   fail_codes = {c for r in rules if r.get("action") == "FailJob" and "onExitCodes" in r
                 and r["onExitCodes"].get("operator") == "In"
                 for c in r["onExitCodes"].get("values", [])}
-  if fail_codes != {EXIT_PREEMPTED}:
+  if fail_codes != {EXIT_PREEMPTED, EXIT_LOST}:
     _fail(f"{at}.podFailurePolicy.rules", f"FailJob exit codes {sorted(fail_codes)}, want "
-          f"[{EXIT_PREEMPTED}] (preempted)")
+          f"[{EXIT_PREEMPTED}, {EXIT_LOST}] (preempted, peer lost or stalled)")
   if any(r.get("action") in ("Ignore", "Count", "FailIndex") for r in rules):
     _fail(f"{at}.podFailurePolicy.rules", "only FailJob rules keep the exit-code contract")
   disruption = [r for r in rules if r.get("action") == "FailJob" and

@@ -158,7 +158,7 @@ def test_jobset_schema_rejects_a_wrong_field_name_and_a_bad_action():
   ("gpu-a3ultra-2nodes.yaml", lambda m: _job(m).update(backoffLimit=3), r"\.backoffLimit: 3"),
   ("tpu-v5p-128.yaml",
    lambda m: _job(m)["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"].append(1),
-   r"podFailurePolicy\.rules: FailJob exit codes \[1, 42\]"),
+   r"podFailurePolicy\.rules: FailJob exit codes \[1, 42, 43\]"),
   ("tpu-v5p-128.yaml", lambda m: _job(m)["podFailurePolicy"]["rules"].pop(1),
    r"podFailurePolicy\.rules: no FailJob rule on pod condition DisruptionTarget"),
   ("tpu-v5p-128.yaml",

@@ -119,15 +119,20 @@ def _checkpoints(workdir) -> list[str]:
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+_REFERENCE: dict = {}  # test_faults.py imports the fixture: one run for both modules
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The uninterrupted 1-process, 4-device run."""
-  workdir = tmp_path_factory.mktemp("reference")
-  job = Job(workdir)
-  assert job.wait() == [0], job.all_output()
-  losses = _losses(workdir)
-  assert sorted(losses) == list(range(1, STEPS + 1))
-  return str(workdir), losses
+  """The uninterrupted 1-process, 4-device run (once per session)."""
+  if "run" not in _REFERENCE:
+    workdir = tmp_path_factory.mktemp("reference")
+    job = Job(workdir)
+    assert job.wait() == [0], job.all_output()
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    _REFERENCE["run"] = str(workdir), losses
+  return _REFERENCE["run"]
 
 
 def _assert_same_losses(workdir, reference, rtol: float = 1e-5) -> None:
