@@ -32,10 +32,15 @@ class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
 
   exit_code = EXIT_PREEMPTED
 
-  def __init__(self, step: int, signal_name: str):
-    super().__init__(f"preempted by {signal_name}: saved step {step}; "
-                     f"exit {EXIT_PREEMPTED} (run the same command to resume)")
-    self.step, self.signal_name = step, signal_name
+  def __init__(self, step: int | None, signal_name: str, *, saved: bool = True):
+    # saved=False: stopped during a non-finite streak, whose state is not written; `step`
+    # is the newest checkpoint, where the restart resumes (None: it starts over).
+    done = (f"saved step {step}" if saved else
+            f"nothing saved during a non-finite streak; resumes from "
+            f"{'step ' + str(step) if step else 'the start'}")
+    super().__init__(f"preempted by {signal_name}: {done}; exit {EXIT_PREEMPTED} (run the "
+                     "same command to resume)")
+    self.step, self.signal_name = step or 0, signal_name
 
 
 class Diverged(RuntimeError):

@@ -280,6 +280,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"mm_jax quarantine {step}")
     self.manager.reload()
+    self.newest_intact = self.latest_step()
     return dest
 
   def wait(self) -> None:

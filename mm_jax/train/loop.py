@@ -180,11 +180,12 @@ class _Run:
     self.ckpt.vouch(start)  # resumed from: good, whatever followed it before
     return state, start
 
-  def save(self, state, n: int, guard: stopping.StepGuard) -> None:
+  def save(self, state, n: int, guard: stopping.StepGuard) -> bool:
+    """Writes checkpoint `n` (async); False if not written: during a non-finite streak."""
     if guard.streak:  # the state is the one before the streak, which may be what caused it
       metrics_lib.log(f"checkpoint step {n} not written: step {n} applied no update "
                       f"(non-finite, {guard.streak} in a row)")
-      return
+      return False
     if not self.lock.held():
       raise lock_lib.WorkdirBusy(f"--workdir={self.workdir}: this run no longer holds its "
                                  f"lock ({self.lock.path}): another run took it over; "
@@ -195,6 +196,7 @@ class _Run:
                    counters={"skipped_nonfinite": guard.skipped_total},
                    config=config_lib.to_dict(self.cfg))
     self.goodput.event("checkpoint_save", step=n, dur_s=time.perf_counter() - t0)
+    return True
 
   def evaluate(self, state, n: int, writer: metrics_lib.MetricsWriter) -> dict:
     """An eval of step `n`: to metrics.jsonl and WORKDIR/eval_<n>.json, as --mode=eval."""
@@ -307,14 +309,17 @@ class _Run:
             window.flush(n)
             self.evaluate(state, n, writer)
             window.restart(n)
+          saved = False
           if saves or (n < total and guard.stop):
             window.flush(n)
-            self.save(state, n, guard)
+            saved = self.save(state, n, guard)
             window.restart(n)
           if guard.stop and n < total:
             self.ckpt.wait()  # committed before we say so: a restart finds it
-            self.goodput.event("preempted", step=n)
-            raise Preempted(n, signals.received or "a stop signal on another process")
+            step = n if saved else self.ckpt.newest_intact
+            self.goodput.event("preempted", step=step or 0)
+            raise Preempted(step, signals.received or "a stop signal on another process",
+                            saved=saved)
         self.observe(guard, pending)
         window.flush(total)
         if self.ckpt.latest_step() != total:
