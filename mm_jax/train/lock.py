@@ -19,6 +19,7 @@ others would find it held.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -28,6 +29,10 @@ import threading
 import time
 import uuid
 import weakref
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from mm_jax import paths
 from mm_jax.config.checks import ConfigError
@@ -328,3 +333,41 @@ def _read_fd(fd: int) -> str:
     return os.pread(fd, 1 << 16, 0).decode("utf-8", errors="replace")
   except OSError:
     return ""
+
+
+class _Unlocked:
+  """What processes other than 0 hold: process 0 holds the job's lock."""
+
+  path = ""
+
+  def held(self) -> bool:
+    return True
+
+  def release(self) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def job_lock(workdir: str, log=print):
+  """The workdir's lock for the whole job, held by process 0 (WorkdirLock). Every
+  process learns whether it was taken (one all-gather), so a second job stops on every
+  process with the holder named, before its Checkpointer cleans orbax's temporary folders
+  under the first one's feet."""
+  error = None
+  lock = _Unlocked()
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir, log=log).acquire()
+    except ConfigError as e:
+      error = e
+  if jax.process_count() > 1:
+    got = multihost_utils.process_allgather(np.array([error is None]))
+    if not np.all(got) and error is None:
+      error = WorkdirBusy(f"--workdir={workdir}: process 0 could not lock it (its message "
+                          "names the holder)")
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    lock.release()

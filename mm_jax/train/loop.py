@@ -64,7 +64,8 @@ def train(cfg: Config, workdir: str) -> dict:
   run holds the workdir (mm_jax/faults.py)."""
   heartbeat.beat("start", stall_s=cfg.train.stall_timeout_s)
   workdir_lib.check_writable(workdir)
-  with job_lock(workdir) as lock:  # before anything in the workdir is touched
+  with lock_lib.job_lock(workdir, log=metrics_lib.log) as lock:  # before anything in the
+    # workdir is touched
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
@@ -95,44 +96,6 @@ def train(cfg: Config, workdir: str) -> dict:
       with contextlib.suppress(OSError):  # a full disk was reported above, once
         goodput.event("end", status=status, step=step)
         goodput.close()
-
-
-class _Unlocked:
-  """What processes other than 0 hold: process 0 holds the job's lock."""
-
-  path = ""
-
-  def held(self) -> bool:
-    return True
-
-  def release(self) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def job_lock(workdir: str):
-  """The workdir's lock for the whole job, held by process 0 (mm_jax/train/lock.py). Every
-  process learns whether it was taken (one all-gather), so a second job stops on every
-  process with the holder named, before its Checkpointer cleans orbax's temporary folders
-  under the first one's feet."""
-  error = None
-  lock = _Unlocked()
-  if jax.process_index() == 0:
-    try:
-      lock = lock_lib.WorkdirLock(workdir, log=metrics_lib.log).acquire()
-    except config_lib.ConfigError as e:
-      error = e
-  if jax.process_count() > 1:
-    got = multihost_utils.process_allgather(np.array([error is None]))
-    if not np.all(got) and error is None:
-      error = lock_lib.WorkdirBusy(f"--workdir={workdir}: process 0 could not lock it (its "
-                                   "message names the holder)")
-  if error is not None:
-    raise error
-  try:
-    yield lock
-  finally:
-    lock.release()
 
 
 def _newest(ckpt: Checkpointer) -> str:
