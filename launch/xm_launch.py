@@ -11,10 +11,14 @@ them against the real config first, so a typo fails here, not on the cluster; wr
 then the trial's overrides with `--sweep` (one work unit per trial of the config file's
 `get_sweep`, launch/sweep.py).
 
-GPU: `<gpu>x<per node>` (h100x8, h200x8, a100x8, ...). `--nodes=N` > 1 is one JobGroup: a
-`chief` job and a `workers` job with N-1 replicas, since Vertex AI wants its first worker
-pool to be one replica and xmanager maps each job of a group to one pool. Vertex tells the
-replicas where the chief is only at run time (CLUSTER_SPEC); the image's entry point,
+GPU: `<gpu>x<per node>` (h100x8, h200x8, a100x8, ...). xmanager 0.8.5's Vertex client picks a
+machine type only for A100 and L4 and puts every other GPU on n1-standard-4, which Vertex
+rejects once the image is built and pushed: `run()` makes it take the machine from
+_VERTEX_MACHINES, and a count no Vertex machine has fails before anything is built. Vertex
+launches also need $GOOGLE_CLOUD_BUCKET_NAME (xmanager's staging bucket). `--nodes=N` > 1 is
+one JobGroup: a `chief` job and a `workers` job with N-1 replicas, since Vertex AI wants its
+first worker pool to be one replica and xmanager maps each job of a group to one pool. Vertex
+tells the replicas where the chief is only at run time (CLUSTER_SPEC); the image's entry point,
 launch/vertex_env.py, turns that into the JAX_* variables mm_jax/distributed.py reads, and
 the jobs carry JAX_NUM_PROCESSES (checked against it) and JAX_COORDINATOR_PORT.
 TPU: `v5e-16`, `v5p-128`, `v6e-256` (Cloud TPU names: v5p counts TensorCores, two per chip)
@@ -25,6 +29,7 @@ Local (`--platform=local`): one node, xm_local.Local with `local_gpu`.
 """
 
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,7 +50,21 @@ from launch import tpu  # noqa: E402
 COORDINATOR_PORT = "8476"  # mm_jax/distributed.py's default
 
 _GPUS = {"a100": "A100", "a100_80gib": "A100_80GIB", "h100": "H100", "h200": "H200",
-         "b200": "B200", "l4": "L4_24TH", "v100": "V100", "t4": "T4"}
+         "b200": "B200", "l4": "L4_24TH"}
+# xm GPU -> (aiplatform_v1.AcceleratorType name, {GPUs per node: Vertex machine type}). These
+# machines come with a fixed GPU count, so any other count is refused before a build. H100 is
+# a3-highgpu-8g only: its 1g/2g/4g shapes need Spot or Flex-start, which xmanager can't ask for.
+_VERTEX_MACHINES = {
+    "A100": ("NVIDIA_TESLA_A100", {1: "a2-highgpu-1g", 2: "a2-highgpu-2g", 4: "a2-highgpu-4g",
+                                   8: "a2-highgpu-8g", 16: "a2-megagpu-16g"}),
+    "A100_80GIB": ("NVIDIA_A100_80GB", {1: "a2-ultragpu-1g", 2: "a2-ultragpu-2g",
+                                        4: "a2-ultragpu-4g", 8: "a2-ultragpu-8g"}),
+    "H100": ("NVIDIA_H100_80GB", {8: "a3-highgpu-8g"}),
+    "H200": ("NVIDIA_H200_141GB", {8: "a3-ultragpu-8g"}),
+    "B200": ("NVIDIA_B200", {8: "a4-highgpu-8g"}),
+    "L4_24TH": ("NVIDIA_L4", {1: "g2-standard-4", 2: "g2-standard-24", 4: "g2-standard-48",
+                              8: "g2-standard-96"}),
+}
 _TPU_RESOURCES = {"v5e": "TPU_V5E", "v6e": "TPU_V6E", "v5p": "TPU_V5P"}  # launch/tpu.py's names
 
 
@@ -60,10 +79,14 @@ class Accelerator:
     return self.topology is not None
 
 
-def parse_accelerator(name: str) -> Accelerator:
+def parse_accelerator(name: str, platform: str = "vertex") -> Accelerator:
   """`h200x8` -> 8 H200 per node; `v5p-128` -> a 4x4x4 TPU v5p slice (64 chips)."""
   if m := re.fullmatch(r"([a-z0-9_]+)x(\d+)", name):
     if m[1] in _GPUS:
+      machines = _VERTEX_MACHINES[_GPUS[m[1]]][1]
+      if platform == "vertex" and int(m[2]) not in machines:
+        raise ValueError(f"accelerator {name!r}: Vertex AI has no {m[1]} machine with {m[2]} "
+                         f"GPUs; valid counts: {', '.join(map(str, machines))}")
       return Accelerator(xm.ResourceType[_GPUS[m[1]]], int(m[2]))
   if m := re.fullmatch(r"(v5e|v5p|v6e)-(\d+)", name):
     try:
@@ -93,7 +116,7 @@ class LaunchArgs:
 
 def build_jobs(args: LaunchArgs, executable) -> list[tuple[dict, xm.JobGroup]]:
   """(work-unit args, jobs) per trial: pure, so a test can read what would be launched."""
-  accel = parse_accelerator(args.accelerator)
+  accel = parse_accelerator(args.accelerator, args.platform)
   if args.nodes < 1 or (args.nodes > 1 and (accel.is_tpu or args.platform == "local")):
     raise ValueError(f"--nodes={args.nodes}: multi-node is for GPUs on Vertex; a TPU "
                      "slice is one job (pick a larger slice), local is one machine")
@@ -137,7 +160,7 @@ def packageable(args: LaunchArgs, spec) -> xm.Packageable:
   """The image: `--image` as is, or this checkout on `--base_image` with the right jax."""
   if args.image:
     return xm.container(spec, image_path=args.image)
-  jax = "jax[tpu]" if parse_accelerator(args.accelerator).is_tpu else "jax[cuda12]"
+  jax = "jax[tpu]" if parse_accelerator(args.accelerator, args.platform).is_tpu else "jax[cuda12]"
   return xm.python_container(
       spec, path=str(_ROOT), base_image=args.base_image,
       entrypoint=xm.ModuleName("launch.vertex_env"),
@@ -145,8 +168,42 @@ def packageable(args: LaunchArgs, spec) -> xm.Packageable:
                            f"RUN python -m pip install -e . '{jax}'"])
 
 
+def vertex_machine_spec(job: xm.Job, xm_machine_spec) -> dict:
+  """`job`'s Vertex machine spec: ours for the GPUs in _VERTEX_MACHINES, else xmanager's."""
+  req = job.executor.requirements
+  if req.accelerator is None or req.accelerator.name not in _VERTEX_MACHINES:
+    return xm_machine_spec(job)  # CPU or TPU: xmanager's own answer
+  from google.cloud import aiplatform_v1  # xmanager's Vertex client's dependency
+
+  accelerator, machines = _VERTEX_MACHINES[req.accelerator.name]
+  count = int(req.task_requirements[req.accelerator])
+  if count not in machines:  # parse_accelerator refuses these first; this guards other callers
+    raise ValueError(f"{req.accelerator.name} x{count}: no Vertex AI machine; valid counts: "
+                     f"{', '.join(map(str, machines))}")
+  return {"machine_type": machines[count], "accelerator_count": count,
+          "accelerator_type": aiplatform_v1.AcceleratorType[accelerator]}
+
+
+def use_vertex_machines() -> None:
+  """Makes xmanager's Vertex client, which builds the CustomJob, use vertex_machine_spec."""
+  from xmanager.cloud import vertex  # imports google-cloud-aiplatform: Vertex only
+
+  if getattr(vertex.get_machine_spec, "xm_machine_spec", None):
+    return  # already installed
+  xm_machine_spec = vertex.get_machine_spec
+
+  def get_machine_spec(job: xm.Job) -> dict:
+    return vertex_machine_spec(job, xm_machine_spec)
+
+  get_machine_spec.xm_machine_spec = xm_machine_spec
+  # Client.launch looks the function up in its module at each launch.
+  vertex.get_machine_spec = get_machine_spec
+
+
 def run(experiment, args: LaunchArgs) -> None:
   """The experiment body: package once, one work unit per trial."""
+  if args.platform == "vertex":
+    use_vertex_machines()
   spec = xm_local.Local.Spec() if args.platform == "local" else xm_local.Vertex.Spec()
   [executable] = experiment.package([packageable(args, spec)])
   for unit_args, group in build_jobs(args, executable):
@@ -155,10 +212,17 @@ def run(experiment, args: LaunchArgs) -> None:
 
 def check_launchable(args: LaunchArgs) -> None:
   """What xmanager 0.8.5 itself would reject only after building and uploading the image."""
-  accel = parse_accelerator(args.accelerator)
-  if args.platform == "vertex" and accel.is_tpu:
+  accel = parse_accelerator(args.accelerator, args.platform)
+  if args.platform != "vertex":
+    return
+  if accel.is_tpu:
     raise app.UsageError(f"--accelerator={args.accelerator}: xmanager 0.8.5's Vertex client "
                          "maps only TPU v2/v3 (xmanager/cloud/vertex.py); use launch/gke.py")
+  if not os.environ.get("GOOGLE_CLOUD_BUCKET_NAME"):
+    # Every Vertex launch reads it, prebuilt image or not: xmanager gives CustomJob
+    # staging_bucket=gs://$GOOGLE_CLOUD_BUCKET_NAME; Cloud Build (no local docker) uploads there.
+    raise app.UsageError("$GOOGLE_CLOUD_BUCKET_NAME is unset: xmanager's Vertex client needs "
+                         "a GCS bucket name there (staging bucket, no gs://)")
 
 
 def define_flags(fv: flags.FlagValues) -> None:

@@ -138,3 +138,107 @@ def test_errors():
     _launch(accelerator="h200x8", sweep=True, overrides=("--config.optim.lr=1e-4",))
   with pytest.raises(Exception, match="maps only TPU v2/v3"):
     xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "v5e-16"))
+
+
+@pytest.fixture
+def vertex_requests(monkeypatch):
+  """CustomJobs that xmanager's real Vertex client sends, caught at the one network call."""
+  from google.auth import credentials as ga_credentials
+  from google.cloud.aiplatform import initializer
+  from google.cloud.aiplatform_v1.services.job_service import JobServiceClient
+  from xmanager.cloud import vertex
+
+  sent = []
+
+  def create_custom_job(self, *, parent, custom_job, **kw):
+    sent.append(custom_job)
+    return type(custom_job)(custom_job, name=f"{parent}/customJobs/{len(sent)}")
+
+  monkeypatch.setenv("GOOGLE_CLOUD_BUCKET_NAME", "bucket")
+  monkeypatch.setattr(JobServiceClient, "create_custom_job", create_custom_job)
+  monkeypatch.setattr(vertex.auth, "get_service_account", lambda: "sa@p.iam.gserviceaccount.com")
+  for name, value in (("_project", None), ("_location", None),
+                      ("_credentials", ga_credentials.AnonymousCredentials())):
+    monkeypatch.setattr(initializer.global_config, name, value)  # undone after the test
+  monkeypatch.setattr(vertex, "_default_client", vertex.Client(project="p"))
+  monkeypatch.setattr(vertex, "get_machine_spec", vertex.get_machine_spec)
+  xm_launch.use_vertex_machines()
+  return sent
+
+
+def _vertex_pools(sent, **kw) -> list:
+  """Launches `kw`'s jobs with xmanager's Vertex launch; the worker pools it sent."""
+  from xmanager.cloud import vertex
+  from xmanager.xm_local import executables
+
+  args = xm_launch.LaunchArgs(**{"config": "configs/llava.py:7b", "workdir": "gs://b/r", **kw})
+  xm_launch.check_launchable(args)
+  image = executables.GoogleContainerRegistryImage(name="mm_jax", image_path="gcr.io/p/mm:1")
+  [(_, group)] = xm_launch.build_jobs(args, image)
+  vertex.launch("mm_jax", "1", group)
+  [job] = sent
+  assert job.job_spec.base_output_directory.output_uri_prefix.startswith("gs://bucket/")
+  return list(job.job_spec.worker_pool_specs)
+
+
+@pytest.mark.parametrize("name,machine,accelerator", [
+    ("h100x8", "a3-highgpu-8g", "NVIDIA_H100_80GB"),
+    ("h200x8", "a3-ultragpu-8g", "NVIDIA_H200_141GB"),
+    ("b200x8", "a4-highgpu-8g", "NVIDIA_B200"),
+    ("a100_80gibx8", "a2-ultragpu-8g", "NVIDIA_A100_80GB"),
+    ("a100x16", "a2-megagpu-16g", "NVIDIA_TESLA_A100"),
+    ("l4x2", "g2-standard-24", "NVIDIA_L4")])
+def test_vertex_request_has_the_gpu_machine(vertex_requests, name, machine, accelerator):
+  [pool] = _vertex_pools(vertex_requests, accelerator=name)
+  spec = pool.machine_spec
+  assert (spec.machine_type, spec.accelerator_type.name, spec.accelerator_count) == (
+      machine, accelerator, int(name.rsplit("x", 1)[1]))
+  assert pool.replica_count == 1
+  assert pool.container_spec.image_uri == "gcr.io/p/mm:1"
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_vertex_request_for_h200_nodes(vertex_requests, nodes):
+  chief, workers = _vertex_pools(vertex_requests, accelerator="h200x8", nodes=nodes)
+  for pool, replicas in ((chief, 1), (workers, nodes - 1)):
+    spec = pool.machine_spec
+    assert (spec.machine_type, spec.accelerator_type.name, spec.accelerator_count) == (
+        "a3-ultragpu-8g", "NVIDIA_H200_141GB", 8)
+    assert pool.replica_count == replicas
+    assert {e.name: e.value for e in pool.container_spec.env}["JAX_NUM_PROCESSES"] == str(nodes)
+
+
+def test_vertex_machines_agree_with_xmanager():
+  """Where xmanager maps a GPU right (A100, L4), and in the accelerator names, we agree."""
+  from xmanager.cloud import vertex
+
+  xm_spec = getattr(vertex.get_machine_spec, "xm_machine_spec", vertex.get_machine_spec)
+  for gpu, (accelerator, machines) in xm_launch._VERTEX_MACHINES.items():
+    assert vertex.aip_v1_gpu_accelerator_type_str(xm.ResourceType[gpu]) == accelerator
+    for count in machines:
+      job = xm.Job(xm_mock.MockExecutable(), xm_local.Vertex(
+          requirements=xm.JobRequirements({xm.ResourceType[gpu]: count})))
+      ours = xm_launch.vertex_machine_spec(job, xm_spec)
+      if gpu in ("A100", "L4_24TH"):
+        assert ours == xm_spec(job)
+      else:
+        assert xm_spec(job)["machine_type"] == "n1-standard-4"  # what this fixes
+
+
+def test_unmappable_gpu_counts_fail_at_parse_time():
+  with pytest.raises(ValueError, match=r"^accelerator 'h200x4': Vertex AI has no h200 machine "
+                                       r"with 4 GPUs; valid counts: 8$"):
+    xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "h200x4"))
+  with pytest.raises(ValueError, match="valid counts: 1, 2, 4, 8, 16$"):
+    xm_launch.parse_accelerator("a100x3")
+  with pytest.raises(ValueError, match="want <gpu>x<count>"):
+    xm_launch.parse_accelerator("v100x8")
+  assert xm_launch.parse_accelerator("h200x4", "local").count == 4  # this machine's GPUs
+
+
+def test_vertex_needs_a_bucket_before_any_build(monkeypatch):
+  monkeypatch.delenv("GOOGLE_CLOUD_BUCKET_NAME", raising=False)
+  for image in ("", "gcr.io/p/mm:1"):  # xmanager's CustomJob takes it either way
+    with pytest.raises(Exception, match=r"^\$GOOGLE_CLOUD_BUCKET_NAME is unset"):
+      xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "h200x8", image=image))
+  xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "h200x8", platform="local"))
