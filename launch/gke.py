@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from launch import tpu
+from launch import gke_gpu, tpu
 from mm_jax.distributed import DEFAULT_PORT
 from mm_jax.faults import EXIT_LOST, EXIT_PREEMPTED
 
@@ -33,12 +33,13 @@ JOB_INDEX = "jobset.sigs.k8s.io/job-index"  # which replicated Job (slice) a pod
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the pod's index in its Job
 # Job failure reason when a podFailurePolicy FailJob rule fired (k8s batch/v1 JobReason...).
 REASON_POD_FAILURE_POLICY = "PodFailurePolicy"
+EXCLUSIVE_TOPOLOGY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 
-# GKE machine type -> (gke-accelerator label, GPUs per node).
-GPUS = {
-  "a3-highgpu-8g": ("nvidia-h100-80gb", 8),
-  "a3-ultragpu-8g": ("nvidia-h200-141gb", 8),
-}
+GPUS = gke_gpu.MACHINES  # GKE machine type -> its GPUs, node label and networking
+# GKE gives a Spot (or preemptible) VM's pods 15 s from SIGTERM to SIGKILL, whatever their
+# terminationGracePeriodSeconds says (the VM stops 30 s after its notice; system pods get
+# the other 15 s).
+SPOT_GRACE_S = 15
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -74,6 +75,15 @@ class JobSpec:
   # 42; the kubelet sends SIGKILL this long after the SIGTERM. A save of a large model to GCS
   # takes minutes, and a save cut short is lost, so the default is generous.
   grace_period_s: int = 600
+  # TPU: the node pool's machine type (TPU_MACHINES), which fixes the chips per host where a
+  # topology has two forms (v5e/v6e 2x4: one 8-chip host, or two 4-chip hosts). None: the
+  # form GKE gives that topology by default (one host up to 8 chips, else 4 per host).
+  machine_type: str | None = None
+  # GPUDirect machines: the cluster's GKENetworkParamSet names for eth0, eth1, ... (None: the
+  # names Google's GPUDirect guides create, launch/gke_gpu.py).
+  gpu_networks: tuple[str, ...] | None = None
+  # Spot (or preemptible) nodes: selected and tolerated; the stop after SIGTERM gets 15 s.
+  spot: bool = False
   # Restarts for failures no rule matches. The rules below match every failure (preemptions
   # restart without counting, the rest fail), so this is a ceiling, not a retry budget.
   max_restarts: int = 0
@@ -95,14 +105,33 @@ class JobSpec:
            "to save (at least 30)")
     _check(self.max_restarts >= 0, f"max_restarts: {self.max_restarts} must be >= 0")
     _check(0 < self.coordinator_port < 65536, f"coordinator_port: {self.coordinator_port}")
+    _check(not any(a.startswith("--config.train.stop_grace_s") for a in self.args),
+           "args: --config.train.stop_grace_s comes from the grace period (and --spot)")
     hw = self.hardware  # validates accelerator and topology
+    if hw.kind == "gpu":
+      gke_gpu.networks(GPUS[self.accelerator], self.gpu_networks)  # a ValueError names it
+    else:
+      _check(self.gpu_networks is None, "gpu_networks: only for GPU machines")
     _check(hw.kind == "tpu" or self.slices == 1, "slices: multislice is for TPUs only")
+    _check(self.slices == 1 or hw.hosts > 1,
+           f"slices: {self.slices} slices of {self.accelerator} ({hw.topology}) on one host "
+           "each: GKE multislice needs multi-host slices (a larger slice, or 4-chip hosts: "
+           f"--machine_type={_multi_host_machine(self.accelerator)})")
     _check(hw.kind == "gpu" or self.nodes == 1,
            "nodes: a TPU slice's host count comes from its topology, not --nodes")
 
   @property
   def hardware(self) -> Hardware:
-    return _gpu(self) if self.accelerator in GPUS else _tpu(self.accelerator, self.topology)
+    if self.accelerator in GPUS:
+      _check(self.machine_type is None, "machine_type: only for TPUs (a GPU's accelerator "
+             "is its machine type)")
+      return _gpu(self)
+    return _tpu(self.accelerator, self.topology, self.machine_type)
+
+  @property
+  def stop_grace_s(self) -> int:
+    """Seconds from SIGTERM to SIGKILL that the pod really gets."""
+    return min(self.grace_period_s, SPOT_GRACE_S) if self.spot else self.grace_period_s
 
   @property
   def job_name(self) -> str:
@@ -126,12 +155,12 @@ def _check(ok, message: str) -> None:
 
 def _gpu(spec: JobSpec) -> Hardware:
   _check(spec.topology is None, "topology: only for TPUs")
-  label, gpus = GPUS[spec.accelerator]
-  return Hardware("gpu", {"cloud.google.com/gke-accelerator": label}, "nvidia.com/gpu", gpus,
-                  spec.nodes)
+  machine = GPUS[spec.accelerator]
+  return Hardware("gpu", {"cloud.google.com/gke-accelerator": machine.label}, "nvidia.com/gpu",
+                  machine.gpus, spec.nodes)
 
 
-def _tpu(accelerator: str, topology: str | None) -> Hardware:
+def _tpu(accelerator: str, topology: str | None, machine_type: str | None = None) -> Hardware:
   match = re.fullmatch(r"(v5e|v5p|v6e)(?:-(\d+))?", accelerator)
   _check(match, f"accelerator: {accelerator!r} is not one of v5e-N, v5p-N, v6e-N or "
          f"{', '.join(GPUS)}")
@@ -158,15 +187,48 @@ def _tpu(accelerator: str, topology: str | None) -> Hardware:
   topo_chips = tpu.topology_chips(topology)
   _check(chips is None or chips == topo_chips,
          f"topology: {topology} is {topo_chips} chips, but {accelerator} is {chips}")
-  single_host = rank == 2 and topo_chips <= tpu.SINGLE_HOST_MAX_CHIPS_2D
-  per_host = topo_chips if single_host else tpu.CHIPS_PER_HOST
-  _check(topo_chips % per_host == 0, f"topology: {topology} ({topo_chips} chips) does not "
-         f"split into hosts of {per_host} chips")
+  per_host = _chips_per_host(generation, topo_chips, machine_type)
   selector = {"cloud.google.com/gke-tpu-accelerator": label,
               "cloud.google.com/gke-tpu-topology": topology}
+  if rank == 2 and topo_chips == 8:
+    # 2x4 exists as one 8-chip host and as two 4-chip hosts: pin the pool's machine type,
+    # or two 4-chip pods could share an 8-chip node (or wait forever for one).
+    selector["node.kubernetes.io/instance-type"] = TPU_MACHINES[generation][per_host]
   hw = Hardware("tpu", selector, "google.com/tpu", per_host, topo_chips // per_host, topology)
   assert hw.chips_per_host * hw.hosts == hw.topology_chips, hw
   return hw
+
+
+# TPU generation -> {chips per host: the GKE node pool's machine type} (GKE's TPU tables).
+TPU_MACHINES = {
+  "v5e": {1: "ct5lp-hightpu-1t", 4: "ct5lp-hightpu-4t", 8: "ct5lp-hightpu-8t"},
+  "v6e": {1: "ct6e-standard-1t", 4: "ct6e-standard-4t", 8: "ct6e-standard-8t"},
+  "v5p": {4: "ct5p-hightpu-4t"},
+}
+
+
+def _chips_per_host(generation: str, chips: int, machine_type: str | None) -> int:
+  """Chips per host of a `chips`-chip slice on `machine_type` (None: GKE's default form)."""
+  if machine_type is None:
+    # As xpk: a 2x4 slice is two 4-chip hosts (the pools GKE's multi-host guides create);
+    # one 8-chip host needs --machine_type=ct5lp-hightpu-8t (or ct6e-standard-8t).
+    single = tpu.GENERATIONS[generation][2] == 2 and chips <= tpu.CHIPS_PER_HOST
+    return chips if single else tpu.CHIPS_PER_HOST
+  by_type = {m: n for n, m in TPU_MACHINES[generation].items()}
+  _check(machine_type in by_type, f"machine_type: {machine_type!r} is not a {generation} "
+         f"node pool's machine type ({', '.join(by_type)})")
+  per_host = by_type[machine_type]
+  # 1- and 8-chip hosts only ever hold a whole slice; 4-chip hosts hold a 2x2 slice or
+  # 4 chips of a multi-host one.
+  fits = chips == per_host or (per_host == tpu.CHIPS_PER_HOST and chips % per_host == 0)
+  _check(fits, f"machine_type: {machine_type} ({per_host} chips per host) cannot hold a "
+         f"{chips}-chip slice")
+  return per_host
+
+
+def _multi_host_machine(accelerator: str) -> str:
+  generation = accelerator.split("-")[0]
+  return TPU_MACHINES.get(generation, {}).get(tpu.CHIPS_PER_HOST, "?")
 
 
 # --- env ------------------------------------------------------------------------------------
@@ -214,8 +276,18 @@ def env_for(spec: JobSpec, process_index: int) -> dict[str, str]:
 
 # --- manifest -------------------------------------------------------------------------------
 
+def main_argv(spec: JobSpec) -> list[str]:
+  """main.py's command line; the stop's time limit right after --config (a later override
+  of the user's could not change it: __post_init__ refuses one)."""
+  i = next(i for i, a in enumerate(spec.args) if a.startswith("--config=")) + 1
+  args = [*spec.args[:i], f"--config.train.stop_grace_s={spec.stop_grace_s}", *spec.args[i:]]
+  return ["python", "main.py", *args, f"--workdir={spec.workdir}"]
+
+
 def command(spec: JobSpec) -> list[str]:
-  return ["python", "main.py", *spec.args, f"--workdir={spec.workdir}"]
+  if spec.hardware.kind == "gpu":
+    return gke_gpu.command(GPUS[spec.accelerator], main_argv(spec))
+  return main_argv(spec)
 
 
 def _pod_spec(spec: JobSpec) -> dict:
@@ -229,14 +301,32 @@ def _pod_spec(spec: JobSpec) -> dict:
   env = env_entries(spec)
   if env:
     container["env"] = env
-  return {"restartPolicy": "Never",  # the Job's podFailurePolicy decides, not the kubelet
-          "terminationGracePeriodSeconds": spec.grace_period_s,
-          "nodeSelector": hw.node_selector,
-          "containers": [container]}
+  selector = dict(hw.node_selector)
+  pod = {"restartPolicy": "Never",  # the Job's podFailurePolicy decides, not the kubelet
+         "terminationGracePeriodSeconds": spec.grace_period_s,
+         "nodeSelector": selector, "containers": [container]}
+  annotations: dict = {}
+  if hw.kind == "tpu":
+    # As xpk and JobSet's TPU examples run slices: the host's network (the TPU VM's own
+    # NICs for the inter-host and DCN traffic), with cluster DNS kept for the pod names.
+    pod.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet",
+               tolerations=[{"key": "google.com/tpu", "operator": "Exists"}])
+  else:
+    machine = GPUS[spec.accelerator]
+    gke_gpu.decorate(pod, annotations, machine, gke_gpu.networks(machine, spec.gpu_networks))
+  if spec.spot:
+    selector["cloud.google.com/gke-spot"] = "true"
+    pod.setdefault("tolerations", []).append(
+        {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+         "effect": "NoSchedule"})
+  return pod, annotations
 
 
 def _job_spec(spec: JobSpec) -> dict:
   hosts = spec.hardware.hosts
+  pod, annotations = _pod_spec(spec)
+  template = {"metadata": {"annotations": annotations}, "spec": pod} if annotations else \
+      {"spec": pod}
   return {
     "parallelism": hosts, "completions": hosts, "completionMode": "Indexed",
     # backoffLimit 0: the first pod failure no podFailurePolicy rule matches fails the Job
@@ -254,7 +344,7 @@ def _job_spec(spec: JobSpec) -> dict:
       {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget",
                                                  "status": "True"}]},
     ]},
-    "template": {"spec": _pod_spec(spec)},
+    "template": template,
   }
 
 
@@ -275,10 +365,10 @@ def failure_policy(spec: JobSpec) -> dict:
 def manifest(spec: JobSpec) -> dict:
   """The JobSet as a plain dict, ready for yaml.safe_dump."""
   metadata = {"name": spec.name}
-  if spec.hardware.kind == "tpu" and spec.slices > 1:
-    # One slice per node pool: JobSet schedules each child Job onto its own pool.
-    metadata["annotations"] = {"alpha.jobset.sigs.k8s.io/exclusive-topology":
-                               "cloud.google.com/gke-nodepool"}
+  if spec.hardware.kind == "tpu":
+    # One slice per node pool, one pool per slice: without it a slice's pods can land on
+    # two pools of the same topology, and the slice never forms.
+    metadata["annotations"] = {EXCLUSIVE_TOPOLOGY: "cloud.google.com/gke-nodepool"}
   return {
     "apiVersion": API_VERSION, "kind": "JobSet", "metadata": metadata,
     "spec": {
@@ -311,6 +401,12 @@ def parse(argv: list[str]) -> tuple[JobSpec, str | None]:
   p.add_argument("--topology")
   p.add_argument("--slices", type=int, default=1)
   p.add_argument("--nodes", type=int, default=1)
+  p.add_argument("--machine_type", help="TPU: the node pool's machine type, e.g. "
+                 "ct5lp-hightpu-4t for a v5e-8 on two 4-chip hosts (default: one 8-chip host)")
+  p.add_argument("--gpu_networks", help="GPUDirect machines: the GKENetworkParamSet names "
+                 "for eth0,eth1,... (kubectl get GKENetworkParamSet), comma-separated")
+  p.add_argument("--spot", action="store_true", help="Spot (or preemptible) nodes: 15 s "
+                 "from SIGTERM to SIGKILL")
   p.add_argument("--grace_period_s", type=int, default=JobSpec.grace_period_s)
   p.add_argument("--max_restarts", type=int, default=JobSpec.max_restarts)
   p.add_argument("--out")
@@ -319,6 +415,8 @@ def parse(argv: list[str]) -> tuple[JobSpec, str | None]:
   a = p.parse_args(ours)
   spec = JobSpec(name=a.name, image=a.image, workdir=a.workdir, accelerator=a.accelerator,
                  args=tuple(main_flags), topology=a.topology, slices=a.slices, nodes=a.nodes,
+                 machine_type=a.machine_type, spot=a.spot,
+                 gpu_networks=tuple(a.gpu_networks.split(",")) if a.gpu_networks else None,
                  grace_period_s=a.grace_period_s, max_restarts=a.max_restarts)
   return spec, a.out
 
@@ -339,6 +437,11 @@ GOLDENS = {
   "gpu-a3ultra-2nodes.yaml": JobSpec(name="llava-a3ultra", accelerator="a3-ultragpu-8g",
                                      nodes=2, workdir="gs://my-bucket/runs/llava-a3ultra",
                                      **_GOLDEN),
+  "gpu-a3mega-2nodes-spot.yaml": JobSpec(name="llava-a3mega", accelerator="a3-megagpu-8g",
+                                         nodes=2, spot=True,
+                                         workdir="gs://my-bucket/runs/llava-a3mega", **_GOLDEN),
+  "tpu-v5e-8.yaml": JobSpec(name="llava-v5e", accelerator="v5e-8",
+                            workdir="gs://my-bucket/runs/llava-v5e", **_GOLDEN),
   "tpu-v5p-128.yaml": JobSpec(name="llava-v5p", accelerator="v5p-128",
                               workdir="gs://my-bucket/runs/llava-v5p", **_GOLDEN),
   "tpu-v6e-256-2slices.yaml": JobSpec(name="llava-v6e", accelerator="v6e-256", slices=2,

@@ -22,7 +22,7 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 
-from launch import gke
+from launch import gke, gke_gpu
 from launch import tpu as tpu_lib
 from mm_jax.faults import EXIT_LOST, EXIT_PREEMPTED
 
@@ -99,18 +99,90 @@ def semantics(m: dict, spec: gke.JobSpec | None = None) -> None:
     if chips * hosts != tpu_lib.topology_chips(topology):
       _fail(f"{at}.template.spec.parallelism", f"{hosts} hosts x {chips} chips != topology "
             f"{topology} ({tpu_lib.topology_chips(topology)} chips)")
-  elif selector.get("cloud.google.com/gke-accelerator") not in {g[0] for g in gke.GPUS.values()}:
-    _fail(f"{at}...nodeSelector.cloud.google.com/gke-accelerator", "not a known GPU")
-  elif slices != 1:
-    _fail(f"{at}.replicas", f"{slices}: GPU nodes are one replicated job")
+    _check_tpu_placement(m, pod, hosts, slices, at)
+  else:
+    machines = {g.label: g for g in gke.GPUS.values()}
+    machine = machines.get(selector.get("cloud.google.com/gke-accelerator"))
+    if machine is None:
+      _fail(f"{at}...nodeSelector.cloud.google.com/gke-accelerator", "not a known GPU")
+    if slices != 1:
+      _fail(f"{at}.replicas", f"{slices}: GPU nodes are one replicated job")
+    _check_gpu_pod(job["template"], pod, container, machine, f"{at}.template.spec.template")
   _check_env(m, container, tpu, hosts, slices, f"{at}...containers.{gke.CONTAINER}.env")
   grace = pod.get("terminationGracePeriodSeconds", 30)
   if grace < MIN_GRACE_S:
     _fail(f"{at}.template.spec.template.spec.terminationGracePeriodSeconds",
           f"{grace} s is too short to save a checkpoint (>= {MIN_GRACE_S})")
+  _check_stop_grace(pod, container, grace, f"{at}...containers.{gke.CONTAINER}.command")
   _check_failure_chain(m, job, f"{at}.template.spec")
   if spec is not None and m != gke.manifest(spec):
     _fail("<root>", "differs from the spec's rendering")
+
+
+def _check_tpu_placement(m, pod, hosts, slices, at) -> None:
+  """As xpk runs a slice: one slice per node pool, on the host's network."""
+  key = gke.EXCLUSIVE_TOPOLOGY
+  if m["metadata"].get("annotations", {}).get(key) != "cloud.google.com/gke-nodepool":
+    _fail(f"metadata.annotations.{key}", "must be cloud.google.com/gke-nodepool (else a "
+          "slice's pods can land on two node pools and never form a slice)")
+  if pod.get("hostNetwork") is not True or pod.get("dnsPolicy") != "ClusterFirstWithHostNet":
+    _fail(f"{at}.template.spec.template.spec.hostNetwork", "TPU pods run on the host's "
+          "network with dnsPolicy ClusterFirstWithHostNet")
+  if slices > 1 and hosts < 2:
+    _fail(f"{at}.replicas", f"{slices} single-host slices: GKE multislice needs multi-host "
+          "slices")
+
+
+def _check_gpu_pod(template, pod, container, machine, at) -> None:
+  """The driver's libraries, a memory-backed /dev/shm, and the machine's GPUDirect."""
+  env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+  if gke_gpu.DRIVER_LIB not in env.get("LD_LIBRARY_PATH", "").split(":"):
+    _fail(f"{at}.spec.containers.{gke.CONTAINER}.env.LD_LIBRARY_PATH",
+          f"must hold {gke_gpu.DRIVER_LIB} (the driver's libraries)")
+  volumes = {v["name"]: v for v in pod.get("volumes", [])}
+  shm = [mt["name"] for mt in container.get("volumeMounts", [])
+         if mt["mountPath"] == gke_gpu.SHM_MOUNT]
+  if not shm or volumes.get(shm[0], {}).get("emptyDir", {}).get("medium") != "Memory":
+    _fail(f"{at}.spec.containers.{gke.CONTAINER}.volumeMounts", f"no memory-backed "
+          f"{gke_gpu.SHM_MOUNT} (the container default is 64 MiB; NCCL needs more)")
+  g = machine.gpudirect
+  if g is None:
+    return
+  annotations = template.get("metadata", {}).get("annotations", {})
+  try:
+    nics = json.loads(annotations.get(gke_gpu.INTERFACES, ""))
+  except json.JSONDecodeError:
+    _fail(f"{at}.metadata.annotations.{gke_gpu.INTERFACES}", "missing or not JSON: without "
+          "it the pod gets one NIC and NCCL runs over TCP on eth0")
+  names = [n.get("interfaceName") for n in nics]
+  if names != [f"eth{i}" for i in range(len(g.networks))]:
+    _fail(f"{at}.metadata.annotations.{gke_gpu.INTERFACES}", f"interfaces {names}, want eth0 "
+          f"to eth{len(g.networks) - 1} for {g.name}")
+  argv = gke_gpu.main_argv(container)
+  if container.get("command", [])[:2] != ["/bin/bash", "-c"] or \
+      g.nccl_env_script not in container["command"][2]:
+    _fail(f"{at}.spec.containers.{gke.CONTAINER}.command", f"must source "
+          f"{g.nccl_env_script} before {' '.join(argv[:2])}")
+  if g is gke_gpu.TCPXO:
+    sidecars = [c for c in pod.get("initContainers", []) if c.get("restartPolicy") == "Always"
+                and c.get("image", "").startswith(gke_gpu.TCPXO_DAEMON_IMAGE.split(":")[0])]
+    if not sidecars or f"devices.gke.io/container.{sidecars[0]['name']}" not in annotations:
+      _fail(f"{at}.spec.initContainers", "no tcpxo-daemon sidecar with its device annotation")
+  hostpaths = {v.get("hostPath", {}).get("path") for v in volumes.values()}
+  need = {"/dev/aperture_devices"} if g is gke_gpu.TCPXO else {"/home/kubernetes/bin/gib"}
+  if not need <= hostpaths:
+    _fail(f"{at}.spec.volumes", f"missing hostPath {sorted(need - hostpaths)} for {g.name}")
+
+
+def _check_stop_grace(pod, container, grace, at) -> None:
+  """main.py must know when the kill comes: its stop gives up a save that cannot commit."""
+  spot = pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true"
+  real = min(grace, gke.SPOT_GRACE_S) if spot else grace
+  flag = "--config.train.stop_grace_s="
+  given = [a[len(flag):] for a in gke_gpu.main_argv(container) if a.startswith(flag)]
+  if not given or float(given[-1]) <= 0 or float(given[-1]) > real:
+    _fail(at, f"{flag}{given[-1] if given else '<missing>'}: want {real} (the pod's "
+          f"{'Spot ' if spot else ''}grace period) or less")
 
 
 def _check_env(m, container, tpu, hosts, slices, at) -> None:
@@ -175,6 +247,52 @@ def _check_failure_chain(m, job, at) -> None:
 
 
 def all_checks(m: dict, spec: gke.JobSpec | None = None) -> None:
+  if not isinstance(m, dict) or m.get("kind") != "JobSet" or \
+      m.get("apiVersion") != gke.API_VERSION:
+    kind = m.get("kind") if isinstance(m, dict) else type(m).__name__
+    raise ManifestError(f"<root>: {kind!r} is not a {gke.API_VERSION} JobSet")
+  jobset(m)  # the schemas first: semantics() may assume the fields they require
   kubernetes(m)
-  jobset(m)
-  semantics(m, spec)
+  try:
+    semantics(m, spec)
+  except (KeyError, TypeError, ValueError, IndexError) as e:
+    if isinstance(e, ManifestError):
+      raise
+    raise ManifestError(f"<root>: not as launch/gke.py renders it ({type(e).__name__}: "
+                        f"{e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+  """python -m launch.validate FILE...: 0 if every JobSet in every file passes every check;
+  else one line per failing file, and 1."""
+  import sys
+
+  import yaml
+
+  files = sys.argv[1:] if argv is None else argv
+  if not files:
+    print("usage: python -m launch.validate FILE...", file=sys.stderr)
+    return 2
+  failed = 0
+  for name in files:
+    try:
+      with open(name) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d is not None]
+      if not docs:
+        raise ManifestError("<root>: no YAML document")
+      for d in docs:
+        all_checks(d)
+    except (OSError, yaml.YAMLError, ManifestError) as e:
+      failed += 1
+      print(f"{name}: {cli_line(e)}", file=sys.stderr)
+    else:
+      print(f"{name}: ok ({len(docs)} JobSet{'s' if len(docs) > 1 else ''})")
+  return 1 if failed else 0
+
+
+def cli_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -3,11 +3,12 @@ pass on them and fail, naming the field, on each kind of breakage a cluster woul
 until a run (or its first preemption) went wrong."""
 
 import copy
+import json
 
 import pytest
 import yaml
 
-from launch import gke, validate
+from launch import gke, gke_gpu, validate
 
 ARGS = ("--config=configs/llava.py:tiny",)
 REGENERATE = "regenerate with: .venv/bin/python -m launch.gke --write_goldens (then review)"
@@ -172,3 +173,176 @@ def test_semantic_checks_name_the_broken_field(name, edit, match):
   with pytest.raises(validate.ManifestError, match=match) as e:
     validate.semantics(m)
   assert "\n" not in str(e.value)
+
+
+# --- What xpk renders for each machine, written down from its sources (AI-Hypercomputer/xpk:
+# src/xpk/core/system_characteristics.py, commands/workload.py, core/scheduling.py,
+# core/workload_decorators/tcpxo_decorator.py and rdma_decorator.py), independently of
+# launch/gke_gpu.py: the rendered pods must carry the same.
+XPK_GPU = {
+  "a3-highgpu-8g": dict(label="nvidia-h100-80gb"),
+  "a3-megagpu-8g": dict(
+    label="nvidia-h100-mega-80gb", nics=9, sidecar="tcpxo-daemon",
+    sidecar_image="us-docker.pkg.dev/gce-ai-infra/gpudirect-tcpxo/tcpgpudmarxd-dev:v1.0.12",
+    hostpaths={"/home/kubernetes/bin/nvidia", "/sys", "/proc/sys", "/dev/aperture_devices"},
+    mounts={"/dev/aperture_devices", "/usr/local/nvidia", "/dev/shm"},
+    env={"LD_LIBRARY_PATH": "/usr/local/nvidia/lib64",
+         "NCCL_FASTRAK_LLCM_DEVICE_DIRECTORY": "/dev/aperture_devices"}),
+  "a3-ultragpu-8g": dict(
+    label="nvidia-h200-141gb", nics=10,
+    hostpaths={"/home/kubernetes/bin/nvidia", "/home/kubernetes/bin/gib"},
+    mounts={"/usr/local/nvidia", "/usr/local/gib", "/dev/shm"},
+    env={"LD_LIBRARY_PATH": "/usr/local/nvidia/lib64"}),
+  "a4-highgpu-8g": dict(
+    label="nvidia-b200", nics=10,
+    hostpaths={"/home/kubernetes/bin/nvidia", "/home/kubernetes/bin/gib"},
+    mounts={"/usr/local/nvidia", "/usr/local/gib", "/dev/shm"},
+    env={"LD_LIBRARY_PATH": "/usr/local/nvidia/lib64"}),
+}
+# name -> (hosts, chips per host) as xpk's system_characteristics has them (v5e/v6e 2x4: two
+# 4-chip VMs), and the 8-chip one-host pools GKE also offers.
+XPK_TPU = {("v5e-8", None): (2, 4), ("v6e-8", None): (2, 4), ("v6e-4", None): (1, 4),
+           ("v5e-16", None): (4, 4), ("v5p-8", None): (1, 4), ("v5p-128", None): (16, 4),
+           ("v5e-8", "ct5lp-hightpu-8t"): (1, 8), ("v6e-8", "ct6e-standard-8t"): (1, 8),
+           ("v6e-1", None): (1, 1)}
+
+
+def _every_topology():
+  for machine in gke.GPUS:
+    for nodes, spot in ((1, False), (2, True), (4, False)):
+      yield dict(accelerator=machine, nodes=nodes, spot=spot)
+  for gen, counts in (("v5e", (1, 4, 8, 16, 32, 64, 128, 256)),
+                      ("v6e", (1, 4, 8, 16, 32, 64, 128, 256)),
+                      ("v5p", (8, 16, 32, 64, 128, 256, 512, 1024))):
+    for count in counts:
+      yield dict(accelerator=f"{gen}-{count}")
+  yield dict(accelerator="v5e-8", machine_type="ct5lp-hightpu-8t")
+  yield dict(accelerator="v6e-8", machine_type="ct6e-standard-8t", spot=True)
+  yield dict(accelerator="v6e-8", slices=4)  # two 4-chip hosts per slice
+  yield dict(accelerator="v5p-64", slices=2)
+
+
+@pytest.mark.parametrize("kw", list(_every_topology()), ids=lambda kw: "-".join(
+  str(v) for v in kw.values()))
+def test_every_nameable_topology_renders_a_jobset_that_validates(kw):
+  spec = _spec(**kw)
+  m = yaml.safe_load(gke.render(spec))
+  validate.all_checks(m, spec)
+  pod = _pod(m)
+  argv = gke_gpu.main_argv(pod["containers"][0])
+  assert argv[:3] == ["python", "main.py", ARGS[0]]
+  assert argv[3] == f"--config.train.stop_grace_s={15 if kw.get('spot') else 600}"
+  if kw.get("spot"):
+    assert pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
+  if spec.hardware.kind == "tpu":
+    assert m["metadata"]["annotations"] == {
+      "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+    assert (pod["hostNetwork"], pod["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
+    assert {"key": "google.com/tpu", "operator": "Exists"} in pod["tolerations"]
+    want = XPK_TPU.get((kw["accelerator"], kw.get("machine_type")))
+    if want:
+      hw = spec.hardware
+      assert (hw.hosts, hw.chips_per_host) == want
+    return
+  facts = XPK_GPU[kw["accelerator"]]
+  assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == facts["label"]
+  container = pod["containers"][0]
+  env = {e["name"]: e.get("value") for e in container["env"]}
+  assert env.items() >= facts.get("env", {"LD_LIBRARY_PATH": "/usr/local/nvidia/lib64"}).items()
+  mounts = {mt["mountPath"] for mt in container["volumeMounts"]}
+  assert mounts >= facts.get("mounts", {"/dev/shm"})
+  volumes = {v["name"]: v for v in pod["volumes"]}
+  assert {v["hostPath"]["path"] for v in volumes.values() if "hostPath" in v} == \
+    facts.get("hostpaths", set())
+  shm = next(mt["name"] for mt in container["volumeMounts"] if mt["mountPath"] == "/dev/shm")
+  assert volumes[shm]["emptyDir"]["medium"] == "Memory"
+  annotations = _job(m)["template"].get("metadata", {}).get("annotations", {})
+  if "nics" not in facts:  # A3 High: plain
+    assert annotations == {} and "initContainers" not in pod
+    assert container["command"][:2] == ["python", "main.py"]
+    return
+  assert annotations["networking.gke.io/default-interface"] == "eth0"
+  nics = json.loads(annotations["networking.gke.io/interfaces"])
+  assert [n["interfaceName"] for n in nics] == [f"eth{i}" for i in range(facts["nics"])]
+  assert nics[0]["network"] == "default"
+  assert {"key": "user-workload", "operator": "Equal", "value": "true",
+          "effect": "NoSchedule"} in pod["tolerations"]
+  if "sidecar" in facts:
+    (sidecar,) = pod["initContainers"]
+    assert (sidecar["name"], sidecar["image"], sidecar["restartPolicy"]) == (
+      facts["sidecar"], facts["sidecar_image"], "Always")
+    devices = annotations[f"devices.gke.io/container.{facts['sidecar']}"]
+    assert [f"/dev/nvidia{i}" in devices for i in range(8)] == [True] * 8
+  else:
+    assert "initContainers" not in pod
+
+
+def test_gpu_networks_are_the_clusters_names_in_eth_order():
+  spec = _spec(accelerator="a3-ultragpu-8g", nodes=2,
+               gpu_networks=("default", "my-gvnic", *(f"my-rdma-{i}" for i in range(8))))
+  nics = json.loads(_job(gke.manifest(spec))["template"]["metadata"]["annotations"][
+    "networking.gke.io/interfaces"])
+  assert [n["network"] for n in nics][:3] == ["default", "my-gvnic", "my-rdma-0"]
+  with pytest.raises(ValueError, match=r"^gpu_networks: 3 networks, want 10"):
+    _spec(accelerator="a3-ultragpu-8g", gpu_networks=("a", "b", "c"))
+  with pytest.raises(ValueError, match=r"^gpu_networks: only for GPUDirect"):
+    _spec(accelerator="a3-highgpu-8g", gpu_networks=("a",))
+
+
+@pytest.mark.parametrize("overrides, match", [
+  (dict(accelerator="v5e-8", machine_type="ct5lp-hightpu-8t", slices=2),
+   r"^slices: 2 slices of v5e-8 \(2x4\) on one host each: .*--machine_type=ct5lp-hightpu-4t"),
+  (dict(accelerator="v6e-4", slices=2), r"^slices: .*GKE multislice needs multi-host"),
+  (dict(accelerator="v5e-16", machine_type="ct5lp-hightpu-8t"),
+   r"^machine_type: ct5lp-hightpu-8t \(8 chips per host\) cannot hold a 16-chip slice"),
+  (dict(accelerator="v5e-8", machine_type="ct6e-standard-4t"),
+   r"^machine_type: 'ct6e-standard-4t' is not a v5e node pool's machine type"),
+  (dict(accelerator="a3-highgpu-8g", machine_type="a3-highgpu-8g"), r"^machine_type: only"),
+  (dict(args=(*ARGS, "--config.train.stop_grace_s=100")), r"^args: --config.train.stop_grace"),
+])
+def test_tpu_forms_that_cannot_run_fail_in_one_line(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _spec(**overrides)
+
+
+@pytest.mark.parametrize("name, edit, match", [
+  ("tpu-v5e-8.yaml", lambda m: m["metadata"].pop("annotations"),
+   r"^metadata\.annotations\.alpha\.jobset\.sigs\.k8s\.io/exclusive-topology: "),
+  ("tpu-v5p-128.yaml", lambda m: _pod(m).pop("hostNetwork"), r"\.hostNetwork: TPU pods"),
+  ("gpu-a3mega-2nodes-spot.yaml", lambda m: _job(m)["template"].pop("metadata"),
+   r"annotations\.networking\.gke\.io/interfaces: missing or not JSON"),
+  ("gpu-a3mega-2nodes-spot.yaml", lambda m: _pod(m).pop("initContainers"),
+   r"\.initContainers: no tcpxo-daemon sidecar"),
+  ("gpu-a3ultra-2nodes.yaml", lambda m: _pod(m)["volumes"].pop(1),
+   r"\.volumes: missing hostPath \['/home/kubernetes/bin/gib'\]"),
+  ("gpu-a3ultra-2nodes.yaml", lambda m: _pod(m)["volumes"][-1].update(emptyDir={}),
+   r"\.volumeMounts: no memory-backed /dev/shm"),
+  ("gpu-a3ultra-2nodes.yaml",
+   lambda m: _pod(m)["containers"][0].update(command=_pod(m)["containers"][0]["command"][3:]),
+   r"\.command: must source /usr/local/gib/scripts/set_nccl_env\.sh before python main\.py"),
+  ("gpu-a3mega-2nodes-spot.yaml",
+   lambda m: _pod(m)["containers"][0]["command"].__setitem__(6, "--config.train.stop_grace_s=600"),
+   r"stop_grace_s=600: want 15 \(the pod's Spot grace period\) or less"),
+])
+def test_placement_and_network_checks_name_the_field(name, edit, match):
+  with pytest.raises(validate.ManifestError, match=match):
+    validate.semantics(_broken(name, edit))
+
+
+def test_validate_cli_exits_nonzero_on_a_bad_manifest(tmp_path, capsys):
+  good = sorted(str(p) for p in gke.GOLDEN_DIR.glob("*.yaml"))
+  assert validate.main(good) == 0
+  garbage = tmp_path / "garbage.yaml"
+  garbage.write_text("just: [a, list\n")
+  not_jobset = tmp_path / "pod.yaml"
+  not_jobset.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
+  broken = tmp_path / "broken.yaml"
+  broken.write_text(yaml.safe_dump(_broken("tpu-v5e-8.yaml", lambda m: _pod(m).pop(
+    "nodeSelector"))))
+  capsys.readouterr()
+  assert validate.main([good[0], str(garbage), str(not_jobset), str(broken),
+                        str(tmp_path / "missing.yaml")]) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 4 and all(line.startswith(str(tmp_path)) for line in err), err
+  assert "'Pod' is not a jobset.x-k8s.io/v1alpha2 JobSet" in err[1]
+  assert validate.main([]) == 2
