@@ -185,7 +185,7 @@ def main(argv):
     if isinstance(result, dict) and result.get("fits") is False:  # said "does not fit"
       _exit("", 1)
   except (faults.Preempted, faults.Diverged) as e:
-    _exit(str(e), e.exit_code)
+    _exit(str(e), e.exit_code, teardown=not getattr(e, "abandoned", False))
   except KeyboardInterrupt:  # before training installed its handlers: nothing to save
     _exit("interrupted before training started: nothing to save")
   except Exception as e:  # noqa: BLE001 - one line each; --debug re-raises
@@ -245,10 +245,12 @@ def _save_traceback() -> str:
   return path
 
 
-def _exit(message: str, code: int = 1) -> None:
+def _exit(message: str, code: int = 1, teardown: bool = True) -> None:
   if message:
     print(message, file=sys.stderr, flush=True)
-  if code in (0, 42):  # a clean stop: every process shuts jax.distributed down together
+  # A clean stop: every process shuts jax.distributed down together. Not after a save given
+  # up at the grace period's end: the teardown would wait for it, past the kill.
+  if code in (0, 42) and teardown:
     sys.exit(code)
   # An error: the workdir is already closed (checkpoints waited for, metrics flushed).
   # Skip the interpreter's teardown: after a failed save orbax's leftover threads print

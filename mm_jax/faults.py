@@ -32,12 +32,16 @@ class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
 
   exit_code = EXIT_PREEMPTED
 
-  def __init__(self, step: int | None, signal_name: str, *, saved: bool = True):
-    # saved=False: stopped during a non-finite streak, whose state is not written; `step`
-    # is the newest checkpoint, where the restart resumes (None: it starts over).
+  def __init__(self, step: int | None, signal_name: str, *, saved: bool = True,
+               why_not: str = "during a non-finite streak"):
+    # saved=False: nothing written (during a non-finite streak, or no time left before the
+    # kill: `why_not`); `step` is the newest checkpoint, where the restart resumes (None: it
+    # starts over).
     done = (f"saved step {step}" if saved else
-            f"nothing saved during a non-finite streak; resumes from "
+            f"nothing saved {why_not}; resumes from "
             f"{'step ' + str(step) if step else 'the start'}")
+    self.saved = saved
+    self.abandoned = False  # a save given up at the grace period's end is still in flight
     super().__init__(f"preempted by {signal_name}: {done}; exit {EXIT_PREEMPTED} (run the "
                      "same command to resume)")
     self.step, self.signal_name = step or 0, signal_name

@@ -154,6 +154,11 @@ class TrainConfig:
   # line with exit 43, so that a stuck collective, writer or input pipeline cannot hold the
   # machines forever; it must exceed the first compile and the slowest save. 0: off.
   stall_timeout_s: float = 1800.0
+  # Seconds from a stop signal (SIGTERM) to the scheduler's SIGKILL: the pod's
+  # terminationGracePeriodSeconds, or 15 on GKE Spot whatever the pod asks. The stop saves
+  # only while that leaves time, gives up a save that cannot commit by then, and exits 42
+  # before the kill, so the scheduler reads a restart, not a crash. 0: no limit (wait).
+  stop_grace_s: float = 0.0
   # Sequence positions per cross-entropy chunk (train/losses.py): the loss never holds
   # float32 [B, T, V] logits, only [B, loss_chunk, V]; 0: the whole sequence at once.
   loss_chunk: int = 0
@@ -163,6 +168,7 @@ class TrainConfig:
     _check(self.loss_chunk >= 0, f"{key}.loss_chunk", "must be >= 0 (0: no chunking)")
     _check(self.max_nonfinite_steps > 0, f"{key}.max_nonfinite_steps", "must be positive")
     _check(self.stall_timeout_s >= 0, f"{key}.stall_timeout_s", "must be >= 0 (0: off)")
+    _check(self.stop_grace_s >= 0, f"{key}.stop_grace_s", "must be >= 0 (0: no limit)")
     _check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
     _check(self.log_every > 0, f"{key}.log_every", "must be positive")
     _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")

@@ -21,6 +21,7 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 from __future__ import annotations
 
 import json
+import time
 
 import grain
 import jax
@@ -51,6 +52,7 @@ class Checkpointer:
                        "integrity": ocp.JsonCheckpointHandler()})
     self._pending: list[int] = []  # saved, commit not yet confirmed
     self._closed = False
+    self._abandoned = False  # wait(timeout_s) gave up on a save in flight
     self.vouched = -1  # checkpoints up to this step were followed by a step that applied
     self.newest_intact: int | None = self.latest_step()  # committed, under its final name
 
@@ -283,13 +285,24 @@ class Checkpointer:
     self.newest_intact = self.latest_step()
     return dest
 
-  def wait(self) -> None:
-    """Blocks until every save has committed (CheckpointError if one failed)."""
+  def wait(self, timeout_s: float | None = None) -> bool:
+    """Blocks until every save has committed (CheckpointError if one failed); True. With
+    `timeout_s`, gives up after that long instead: False, and the save in flight is
+    abandoned: close() no longer waits for it, and a restart never resumes from it (orbax
+    lists a step only once its commit is complete)."""
+    if timeout_s is not None:
+      end = time.monotonic() + timeout_s
+      while self.manager.is_saving_in_progress():
+        if time.monotonic() >= end:
+          self._abandoned = True
+          return False
+        time.sleep(0.05)
     try:
       self.manager.wait_until_finished()
     except Exception as e:
       raise self._save_failed(self._pending[-1] if self._pending else -1, e) from None
     self.poll()
+    return True
 
   def close(self) -> None:
     """Waits for any save in flight (a crash never loses one that can still commit).
@@ -297,6 +310,8 @@ class Checkpointer:
     if self._closed:
       return
     self._closed = True
+    if self._abandoned:  # the process exits before the kill; the save dies with it
+      return
     try:
       self.manager.wait_until_finished()
     except Exception:  # noqa: S110  already reported by poll()/wait(), or about to be

@@ -98,6 +98,11 @@ def train(cfg: Config, workdir: str) -> dict:
         goodput.close()
 
 
+# Of the stop's grace period, what the exit itself needs (closing files, the exit code's way
+# to the scheduler): a save that would commit later than this before the kill is given up.
+EXIT_MARGIN_S = 3.0
+
+
 def _newest(ckpt: Checkpointer) -> str:
   step = ckpt.newest_intact
   return f"step {step} in {ckpt.directory}" if step else f"none in {ckpt.directory}"
@@ -169,6 +174,26 @@ class _Run:
     writer.write(n, result)
     write_eval_json(self.cfg, self.workdir, n, result)
     return result
+
+  def stopped(self, n: int, saved: bool, signals: stopping.StopSignals) -> Preempted:
+    """The stop after step `n`: its save committed (a restart finds it), or, past the grace
+    period's end, given up so the process exits 42 before the scheduler's kill."""
+    grace = self.cfg.train.stop_grace_s
+    left = signals.left(grace)
+    committed = self.ckpt.wait(None if left is None else max(left - EXIT_MARGIN_S, 0.0))
+    why_not = "during a non-finite streak"
+    if not committed or (not saved and left is not None and left < EXIT_MARGIN_S):
+      if not committed:
+        metrics_lib.log(f"checkpoint step {n} could not commit within "
+                        f"config.train.stop_grace_s={grace:g} s of the {signals.received}: "
+                        "abandoned (a restart never resumes from it)")
+      saved, why_not = False, f"in the {grace:g} s before the kill"
+    step = n if saved else self.ckpt.newest_intact
+    self.goodput.event("preempted", step=step or 0)
+    stop = Preempted(step, signals.received or "a stop signal on another process",
+                     saved=saved, why_not=why_not)
+    stop.abandoned = not committed  # main.py exits at once: no teardown waits for the save
+    return stop
 
   def observe(self, guard: stopping.StepGuard, pending: list) -> None:
     """Reads the flags of the steps in `pending` (in order, emptied); a step that applied its
@@ -275,14 +300,15 @@ class _Run:
           saved = False
           if saves or (n < total and guard.stop):
             window.flush(n)
-            saved = self.save(state, n, guard)
+            left = signals.left(cfg.train.stop_grace_s) if guard.stop else None
+            if left is not None and left < EXIT_MARGIN_S:
+              metrics_lib.log(f"checkpoint step {n} not written: {max(left, 0):.1f} s of "
+                              f"config.train.stop_grace_s={cfg.train.stop_grace_s:g} left")
+            else:
+              saved = self.save(state, n, guard)
             window.restart(n)
           if guard.stop and n < total:
-            self.ckpt.wait()  # committed before we say so: a restart finds it
-            step = n if saved else self.ckpt.newest_intact
-            self.goodput.event("preempted", step=step or 0)
-            raise Preempted(step, signals.received or "a stop signal on another process",
-                            saved=saved)
+            raise self.stopped(n, saved, signals)
         self.observe(guard, pending)
         window.flush(total)
         if self.ckpt.latest_step() != total:

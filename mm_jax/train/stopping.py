@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
@@ -35,6 +36,7 @@ class StopSignals:
 
   def __init__(self):
     self.received: str | None = None
+    self.at: float | None = None  # time.monotonic() of the first signal
     self._old: dict = {}
 
   def __enter__(self):
@@ -54,8 +56,16 @@ class StopSignals:
       _say(f"{name} received again: ignored; the run is already stopping (it saves, then "
            "exits 42)")
       return
-    self.received = name
+    self.received, self.at = name, time.monotonic()
     _say(f"{name} received: saving a checkpoint after this step, then exiting 42")
+
+  def left(self, grace_s: float) -> float | None:
+    """Seconds left until the kill that follows this process's signal `grace_s` after it;
+    None without a limit (grace_s 0) or without a signal here (a stop another process
+    heard: this one's scheduler has not started counting)."""
+    if not grace_s or self.at is None:
+      return None
+    return grace_s - (time.monotonic() - self.at)
 
   def rows(self, n: int) -> np.ndarray:
     """bool[n]: this process's flag for each of its `n` local batch rows."""

@@ -131,7 +131,9 @@ def test_a_stuck_writer_is_ended_by_the_watchdog(tmp_path, reference):  # noqa: 
   _assert_same_losses(workdir, reference)
 
 
-@pytest.mark.parametrize("victim", [0, 1])
+# victim 0 (the coordinator's process), with a restart through launch.local:
+# tests/launch/test_local.py.
+@pytest.mark.parametrize("victim", [1])
 def test_a_peer_that_dies_stops_the_other_with_43(tmp_path, reference, victim):  # noqa: F811
   """SIGKILL one of two processes (its training process dies with it): the survivor exits
   43 in one line within the heartbeat timeout (20 s here), jax's dump in a report file;
@@ -156,3 +158,29 @@ def test_a_peer_that_dies_stops_the_other_with_43(tmp_path, reference, victim): 
     assert restart.wait() == [0, 0], restart.all_output()
     _assert_same_losses(workdir, reference)
   assert STEPS == 12
+
+
+def test_a_stop_whose_save_cannot_commit_in_the_grace_period_exits_42_before_the_kill(
+    tmp_path):
+  """GKE Spot: 15 s from SIGTERM to SIGKILL. A save that cannot commit by then (staged: orbax
+  reports every save as still in progress) is given up, and the process exits 42 in time,
+  saying where the restart resumes, instead of being killed mid-save (137)."""
+  workdir, grace = str(tmp_path / "run"), 8
+  wrap = ("import os; os.environ['MM_JAX_NO_SUPERVISOR'] = '1'; "  # the patch stays in-process
+          "import orbax.checkpoint as ocp; "
+          "ocp.CheckpointManager.is_saving_in_progress = lambda self: True; "
+          "import time, mm_jax.heartbeat as hb; beat = hb.beat; "  # slow steps: still running
+          "hb.beat = lambda *a, **k: (time.sleep(0.2), beat(*a, **k))[1]")
+  job = Job(workdir, wrap=wrap, flags=(f"--config.train.stop_grace_s={grace}",))
+  _wait_for(_logged(workdir, 4), job, "step 4 logged")
+  job.procs[0].send_signal(signal.SIGTERM)
+  sent = time.monotonic()
+  code = job.procs[0].wait(timeout=120)
+  elapsed = time.monotonic() - sent
+  job.wait()
+  assert code == 42, job.all_output()
+  assert elapsed < grace, elapsed
+  out = job.output()
+  assert f"could not commit within config.train.stop_grace_s={grace} s of the SIGTERM" in out
+  last = _last_line(job)
+  assert f"nothing saved in the {grace} s before the kill; resumes from" in last, last
