@@ -64,10 +64,11 @@ def test_the_compiled_gradient_holds_one_chunk_of_logits():
   assert chunked < 2.5 * chunk, (whole, chunked)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_the_train_step_is_the_same_with_chunks(tie):
+def test_the_train_step_is_the_same_with_chunks():
+  # Tied embeddings: the chunked head's gradient meets the embedding's in one weight, the
+  # harder case (the untied head is the same computation with its own kernel).
   base = {"train.batch_size": 8, "data.num_train": 64, "mesh.data": 1,
-          "model.decoder.tie_embeddings": tie}
+          "model.decoder.tie_embeddings": True}
   *_, want = losses_on_mesh(tiny_config(**base), jax.devices()[:1], 2)
   *_, got = losses_on_mesh(tiny_config(**base, **{"train.loss_chunk": 32}),
                            jax.devices()[:1], 2)  # T = 80: two chunks and a padded one
