@@ -26,12 +26,17 @@ as xm.JobRequirements with the slice's topology; jax finds its peers itself. xma
 0.8.5's Vertex client maps only TPU v2/v3 to machine types, so `main()` refuses these on
 Vertex (launch/gke.py runs TPU slices); the jobs are still built for other backends.
 Local (`--platform=local`): one node, xm_local.Local with `local_gpu`.
+Without `--docker_image` the image is built from this checkout's files as git lists them
+(export_tracked), never its virtual environments, runs/ or .git.
 """
 
 import dataclasses
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -156,13 +161,45 @@ def _job_group(args: LaunchArgs, accel: Accelerator, executable, argv) -> xm.Job
                      workers=xm.Job(executable, workers, args=argv, env_vars=env))
 
 
-def packageable(args: LaunchArgs, spec) -> xm.Packageable:
-  """The image: `--image` as is, or this checkout on `--base_image` with the right jax."""
+def export_tracked(root: Path, into: str) -> str:
+  """Copies `root`'s files that git knows or would add into `<into>/<root's name>/`; its path.
+
+  xmanager puts the whole folder it is given into the build context, with no ignore list:
+  .venv*, runs/ and .git would be uploaded and baked into the image. These are the tracked
+  files as they are in the working tree (uncommitted edits included, what a launch means) and
+  the untracked ones .gitignore does not exclude. The folder keeps `root`'s name, which the
+  image's `COPY <name>/` names. A root that is not a git checkout is refused: without git's
+  list there is no telling sources from outputs.
+  """
+  try:
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], check=True, capture_output=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = getattr(e, "stderr", b"") or str(e).encode()
+    raise RuntimeError(f"{root}: the image is built from git's list of files, and `git "
+                       f"ls-files` failed: {detail.decode().strip()}") from None
+  dest = Path(into) / root.name
+  dest.mkdir(parents=True)
+  for name in listed.decode().split("\0"):
+    src = root / name
+    if not name or not os.path.lexists(src):
+      continue  # a tracked file deleted in the working tree stays out, as it would commit
+    (dest / name).parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir() and not src.is_symlink():  # a submodule: git lists only its folder
+      shutil.copytree(src, dest / name, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    else:
+      shutil.copy2(src, dest / name, follow_symlinks=False)
+  return str(dest)
+
+
+def packageable(args: LaunchArgs, spec, build_dir: str) -> xm.Packageable:
+  """The image: `--image` as is, or this checkout (export_tracked into `build_dir`, which
+  must outlive the packaging) on `--base_image` with the right jax."""
   if args.image:
     return xm.container(spec, image_path=args.image)
   jax = "jax[tpu]" if parse_accelerator(args.accelerator, args.platform).is_tpu else "jax[cuda12]"
   return xm.python_container(
-      spec, path=str(_ROOT), base_image=args.base_image,
+      spec, path=export_tracked(_ROOT, build_dir), base_image=args.base_image,
       entrypoint=xm.ModuleName("launch.vertex_env"),
       docker_instructions=[f"COPY {_ROOT.name}/ /workdir", "WORKDIR /workdir",
                            f"RUN python -m pip install -e . '{jax}'"])
@@ -205,7 +242,9 @@ def run(experiment, args: LaunchArgs) -> None:
   if args.platform == "vertex":
     use_vertex_machines()
   spec = xm_local.Local.Spec() if args.platform == "local" else xm_local.Vertex.Spec()
-  [executable] = experiment.package([packageable(args, spec)])
+  # package() builds (and pushes) the image before it returns: the export can go then.
+  with tempfile.TemporaryDirectory(prefix="mm_jax-build-") as build_dir:
+    [executable] = experiment.package([packageable(args, spec, build_dir)])
   for unit_args, group in build_jobs(args, executable):
     experiment.add(group, args=unit_args)
 

@@ -3,7 +3,9 @@
 Run in .venv-xm only: .venv-xm/bin/python -m pytest -q --noconftest tests/launch/xm
 """
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from absl import flags
@@ -242,3 +244,55 @@ def test_vertex_needs_a_bucket_before_any_build(monkeypatch):
     with pytest.raises(Exception, match=r"^\$GOOGLE_CLOUD_BUCKET_NAME is unset"):
       xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "h200x8", image=image))
   xm_launch.check_launchable(xm_launch.LaunchArgs("c", "w", "h200x8", platform="local"))
+
+
+def _git(root, *argv):
+  subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *argv],
+                 check=True, capture_output=True)
+
+
+def test_build_context_is_the_checkouts_files_only(tmp_path):
+  """xmanager uploads the whole folder it is given: the virtual environments, runs and .git
+  must not be in it."""
+  root = tmp_path / "repo"
+  files = {"main.py": "old", "mm_jax/__init__.py": "", "configs/llava.py": "",
+           "launch/xm_launch.py": "", "gone.py": "", ".gitignore": ".venv*/\nruns/\n",
+           ".venv/bin/python": "", ".venv-xm/x": "", ".venv-targets/x": "",
+           "runs/x/checkpoints/1": ""}
+  for name, text in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+  _git(root, "init", "-q")
+  _git(root, "add", ".")
+  _git(root, "commit", "-q", "-m", "c")
+  (root / "main.py").write_text("edited")  # what the user launches, committed or not
+  (root / "new.py").write_text("")  # untracked, not ignored
+  (root / "gone.py").unlink()
+  out = xm_launch.export_tracked(root, str(tmp_path / "ctx"))
+  assert out == str(tmp_path / "ctx" / "repo")  # the name the image's COPY uses
+  got = {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()}
+  assert got == {"main.py", "mm_jax/__init__.py", "configs/llava.py", "launch/xm_launch.py",
+                 ".gitignore", "new.py"}
+  assert (Path(out) / "main.py").read_text() == "edited"
+
+
+def test_not_a_checkout_is_refused(tmp_path):
+  (tmp_path / "src").mkdir()
+  with pytest.raises(RuntimeError, match="git ls-files"):
+    xm_launch.export_tracked(tmp_path / "src", str(tmp_path / "ctx"))
+
+
+def test_image_is_built_from_the_export(tmp_path):
+  args = xm_launch.LaunchArgs("configs/llava.py:7b", "gs://b/r", "h200x8")
+  spec = xm_launch.packageable(args, xm_local.Vertex.Spec(), str(tmp_path)).executable_spec
+  path = Path(spec.path)
+  assert path.parent == tmp_path and path.name == xm_launch._ROOT.name
+  assert spec.docker_instructions[0] == f"COPY {path.name}/ /workdir"
+  for name in ("main.py", "pyproject.toml", "README.md", "mm_jax/__init__.py",
+               "configs/llava.py", "launch/vertex_env.py"):
+    assert (path / name).is_file(), name
+  assert not {".git", ".venv", ".venv-xm", ".venv-targets", "runs", "mm_jax.egg-info",
+              ".pytest_cache"} & {p.name for p in path.iterdir()}
+  prebuilt = xm_launch.LaunchArgs("c", "w", "h200x8", image="gcr.io/p/mm:1")
+  xm_launch.packageable(prebuilt, xm_local.Vertex.Spec(), str(tmp_path / "unused"))
+  assert not (tmp_path / "unused").exists()  # a prebuilt image exports nothing
