@@ -197,12 +197,13 @@ def packageable(args: LaunchArgs, spec, build_dir: str) -> xm.Packageable:
   must outlive the packaging) on `--base_image` with the right jax."""
   if args.image:
     return xm.container(spec, image_path=args.image)
-  jax = "jax[tpu]" if parse_accelerator(args.accelerator, args.platform).is_tpu else "jax[cuda12]"
+  # The image's extras, as launch/Dockerfile's targets: gcsfs for the gs:// workdir.
+  extras = "tpu,gcs" if parse_accelerator(args.accelerator, args.platform).is_tpu else "gpu,gcs"
   return xm.python_container(
       spec, path=export_tracked(_ROOT, build_dir), base_image=args.base_image,
       entrypoint=xm.ModuleName("launch.vertex_env"),
       docker_instructions=[f"COPY {_ROOT.name}/ /workdir", "WORKDIR /workdir",
-                           f"RUN python -m pip install -e . '{jax}'"])
+                           f"RUN python -m pip install -e '.[{extras}]'"])
 
 
 def vertex_machine_spec(job: xm.Job, xm_machine_spec) -> dict:
