@@ -42,7 +42,7 @@ from bench.timing import versions  # noqa: E402
 from configs import llava  # noqa: E402
 from mm_jax import config as config_lib  # noqa: E402
 from mm_jax import sharding  # noqa: E402
-from mm_jax.train import loop, memory  # noqa: E402
+from mm_jax.train import batches, memory  # noqa: E402
 from mm_jax.train import state as state_lib  # noqa: E402
 from mm_jax.train.step import TrainState, train_step  # noqa: E402
 
@@ -132,7 +132,7 @@ def run_ours(cfg: config_lib.Config, warmup: int, steps: int, repeats: int) -> d
   device = jax.devices()[0]
   mesh = sharding.make_mesh(cfg.mesh, [device])
   built = state_lib.build(cfg, mesh)
-  batch_sh = loop.batch_shardings(mesh, loop.row_spec(cfg), cfg.train.batch_size)
+  batch_sh = batches.batch_shardings(mesh, batches.row_spec(cfg), cfg.train.batch_size)
   with jax.set_mesh(mesh):
     local = random_batch(cfg, cfg.train.batch_size)
     batch = {k: jax.device_put(v, batch_sh[k]) for k, v in local.items()}

@@ -77,7 +77,7 @@ from bench.timing import versions  # noqa: E402
 from configs import llava  # noqa: E402
 from mm_jax import config as config_lib  # noqa: E402
 from mm_jax import sharding  # noqa: E402
-from mm_jax.train import loop, metrics  # noqa: E402
+from mm_jax.train import batches, metrics  # noqa: E402
 from mm_jax.train import state as state_lib  # noqa: E402
 from mm_jax.train.step import token_losses, train_step  # noqa: E402
 
@@ -152,7 +152,7 @@ class Ours:
     self.mesh = sharding.make_mesh(cfg.mesh, [self.device])
     self.built = built = state_lib.build(cfg, self.mesh)
     b = cfg.train.batch_size
-    batch_sh = loop.batch_shardings(self.mesh, loop.row_spec(cfg), b)
+    batch_sh = batches.batch_shardings(self.mesh, batches.row_spec(cfg), b)
     self.local = random_batch(cfg, b)
     with jax.set_mesh(self.mesh):
       self.batch = {k: jax.device_put(v, batch_sh[k]) for k, v in self.local.items()}

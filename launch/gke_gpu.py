@@ -102,7 +102,7 @@ def command(machine: GpuMachine, argv: list[str]) -> list[str]:
   return ["/bin/bash", "-c", script, *argv]
 
 
-def main_argv(container: dict) -> list[str]:
+def container_argv(container: dict) -> list[str]:
   """The program and flags a container runs, with `command()`'s start-up script taken off."""
   cmd = list(container.get("command", []))
   return cmd[3:] if cmd[:2] == ["/bin/bash", "-c"] else cmd

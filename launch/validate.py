@@ -17,10 +17,12 @@ Each raises `ManifestError` with one line naming the field (a dotted path).
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import yaml
 
 from launch import gke, gke_gpu
 from launch import tpu as tpu_lib
@@ -158,7 +160,7 @@ def _check_gpu_pod(template, pod, container, machine, at) -> None:
   if names != [f"eth{i}" for i in range(len(g.networks))]:
     _fail(f"{at}.metadata.annotations.{gke_gpu.INTERFACES}", f"interfaces {names}, want eth0 "
           f"to eth{len(g.networks) - 1} for {g.name}")
-  argv = gke_gpu.main_argv(container)
+  argv = gke_gpu.container_argv(container)
   if container.get("command", [])[:2] != ["/bin/bash", "-c"] or \
       g.nccl_env_script not in container["command"][2]:
     _fail(f"{at}.spec.containers.{gke.CONTAINER}.command", f"must source "
@@ -179,7 +181,7 @@ def _check_stop_grace(pod, container, grace, at) -> None:
   spot = pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true"
   real = min(grace, gke.SPOT_GRACE_S) if spot else grace
   flag = "--config.train.stop_grace_s="
-  given = [a[len(flag):] for a in gke_gpu.main_argv(container) if a.startswith(flag)]
+  given = [a[len(flag):] for a in gke_gpu.container_argv(container) if a.startswith(flag)]
   if not given or float(given[-1]) <= 0 or float(given[-1]) > real:
     _fail(at, f"{flag}{given[-1] if given else '<missing>'}: want {real} (the pod's "
           f"{'Spot ' if spot else ''}grace period) or less")
@@ -265,10 +267,6 @@ def all_checks(m: dict, spec: gke.JobSpec | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
   """python -m launch.validate FILE...: 0 if every JobSet in every file passes every check;
   else one line per failing file, and 1."""
-  import sys
-
-  import yaml
-
   files = sys.argv[1:] if argv is None else argv
   if not files:
     print("usage: python -m launch.validate FILE...", file=sys.stderr)
@@ -284,14 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         all_checks(d)
     except (OSError, yaml.YAMLError, ManifestError) as e:
       failed += 1
-      print(f"{name}: {cli_line(e)}", file=sys.stderr)
+      print(f"{name}: {' '.join(str(e).split())}", file=sys.stderr)
     else:
       print(f"{name}: ok ({len(docs)} JobSet{'s' if len(docs) > 1 else ''})")
   return 1 if failed else 0
-
-
-def cli_line(e: Exception) -> str:
-  return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

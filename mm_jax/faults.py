@@ -33,7 +33,7 @@ class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
   exit_code = EXIT_PREEMPTED
 
   def __init__(self, step: int | None, signal_name: str, *, saved: bool = True,
-               why_not: str = "during a non-finite streak"):
+               why_not: str = "during a non-finite streak", abandoned: bool = False):
     # saved=False: nothing written (during a non-finite streak, or no time left before the
     # kill: `why_not`); `step` is the newest checkpoint, where the restart resumes (None: it
     # starts over).
@@ -41,7 +41,7 @@ class Preempted(Exception):  # noqa: N818 (an outcome, not an error)
             f"nothing saved {why_not}; resumes from "
             f"{'step ' + str(step) if step else 'the start'}")
     self.saved = saved
-    self.abandoned = False  # a save given up at the grace period's end is still in flight
+    self.abandoned = abandoned  # a save given up at the grace period's end is in flight
     super().__init__(f"preempted by {signal_name}: {done}; exit {EXIT_PREEMPTED} (run the "
                      "same command to resume)")
     self.step, self.signal_name = step or 0, signal_name

@@ -15,13 +15,13 @@ def dry_run(cfg: config_lib.Config, memory_plan: bool = False,
   the configured mesh: its kernels, XLA's per-device plan and FLOPs. With `machine` (the
   --target), the mesh is over that machine's devices (mm_jax/aot.py), the train and decode
   steps compile with its own compiler, and the result says whether they fit its memory."""
-  from mm_jax.train import loop, memory
+  from mm_jax.train import batches, memory
   from mm_jax.train import state as state_lib
 
   mesh = sharding.make_mesh(cfg.mesh, aot.devices(machine) if machine else None)
   compiles = memory_plan or machine is not None
   if compiles:  # the compile splits each micro-batch over the devices
-    loop.check_batch(cfg, mesh)
+    batches.check_batch(cfg, mesh)
   print(_header(cfg, mesh, machine), flush=True)
   built = state_lib.build(cfg, mesh)
   counts = state_lib.param_counts(built.abstract)
@@ -180,7 +180,7 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
     from mm_jax.infer import chat
 
     return {"answer": chat.main(cfg, workdir, prompt, images, videos, audios)}
-  from mm_jax.train import loop
+  from mm_jax.train import evaluate, loop
 
   if jax.process_index() == 0:
     print(f"mm_jax: {cfg.name} stage={cfg.stage} mode={mode} on {jax.device_count()} "
@@ -188,5 +188,5 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
   if mode == "train":
     return loop.train(cfg, workdir)
   if mode == "eval":
-    return loop.evaluate(cfg, workdir)
+    return evaluate.evaluate(cfg, workdir)
   raise ValueError(f"--mode={mode}: expected train, eval or generate")

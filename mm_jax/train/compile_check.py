@@ -127,13 +127,13 @@ def _xla_flops(compiled) -> float | None:
 
 
 def train_step(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> Report:
-  from mm_jax.train import loop
+  from mm_jax.train import batches
   from mm_jax.train import state as state_lib
 
   built = built or state_lib.build(cfg, mesh)
   compiled, seconds, note = _compile(lambda: plan_lib.lower_train_step(cfg, mesh, built),
                                      mesh, "train step")
-  spec = loop.row_spec(cfg)
+  spec = batches.row_spec(cfg)
   counts = state_lib.param_counts(built.abstract)
   flops = metrics.flops_per_step(cfg.model, cfg.train.batch_size, spec.seq_len,
                                  cfg.train.batch_size * spec.images_per_sample, counts,
@@ -155,7 +155,7 @@ def decode_step(cfg: Config, mesh: jax.sharding.Mesh) -> Report:
   from mm_jax.infer import generate
   from mm_jax.models import lora
   from mm_jax.models.multimodal import MultimodalModel, resolve_backends
-  from mm_jax.train import loop
+  from mm_jax.train import batches
 
   model_cfg = resolve_backends(cfg.model, target.Target.of_mesh(mesh))
   make = lambda: lora.apply(MultimodalModel(model_cfg, rngs=nnx.Rngs(0)), cfg.lora, 0)
@@ -164,7 +164,7 @@ def decode_step(cfg: Config, mesh: jax.sharding.Mesh) -> Report:
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)
   rows, prompt = decode_batch(cfg, mesh)
-  shapes = {k: v for k, v in pipeline.batch_shapes(loop.row_spec(cfg), rows).items()
+  shapes = {k: v for k, v in pipeline.batch_shapes(batches.row_spec(cfg), rows).items()
             if k not in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
   shapes.update(tokens=((rows, prompt), np.int32), positions=((rows, prompt), np.int32),
                 token_valid=((rows, prompt), np.bool_), lengths=((rows,), np.int32))

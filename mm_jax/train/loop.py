@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 from mm_jax import config as config_lib
 from mm_jax import distributed, heartbeat, paths, sharding
@@ -18,18 +15,14 @@ from mm_jax.config import Config
 from mm_jax.data import pipeline, skips
 from mm_jax.faults import Diverged, Preempted, WriteError
 from mm_jax.train import base as base_lib
+from mm_jax.train import batches, recovery, stopping
+from mm_jax.train import evaluate as evaluate_lib
 from mm_jax.train import lock as lock_lib
 from mm_jax.train import metrics as metrics_lib
-from mm_jax.train import recovery, stopping
 from mm_jax.train import state as state_lib
 from mm_jax.train import workdir as workdir_lib
 from mm_jax.train.checkpoint import QUARANTINE, Checkpointer
-from mm_jax.train.step import eval_step, train_step
-
-
-def batch_shardings(mesh, spec: pipeline.RowSpec, batch: int) -> dict:
-  return {k: sharding.batch_sharding(mesh, len(shape))
-          for k, (shape, _) in pipeline.batch_shapes(spec, batch).items()}
+from mm_jax.train.step import train_step
 
 
 def jit_train_step(built: state_lib.Built, batch_sh: dict, stop_sh):
@@ -38,22 +31,6 @@ def jit_train_step(built: state_lib.Built, batch_sh: dict, stop_sh):
   return jax.jit(functools.partial(train_step, built.fns),
                  in_shardings=(built.shardings, batch_sh, stop_sh),
                  out_shardings=(built.shardings, None), donate_argnums=0)
-
-
-def row_spec(cfg: Config) -> pipeline.RowSpec:
-  return pipeline.RowSpec.create(cfg.data, cfg.model)
-
-
-def check_batch(cfg: Config, mesh) -> None:
-  """Every micro-batch must split evenly over the data-parallel devices (else XLA
-  reshuffles rows between devices on every step)."""
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = cfg.train.batch_size // cfg.optim.grad_accum
-  if micro % dp:
-    raise config_lib.ConfigError(
-        f"config.optim.grad_accum: micro-batch {micro} (train.batch_size "
-        f"{cfg.train.batch_size} / {cfg.optim.grad_accum}) not divisible by {dp} "
-        "data-parallel devices (mesh data x fsdp)")
 
 
 def train(cfg: Config, workdir: str) -> dict:
@@ -67,7 +44,7 @@ def train(cfg: Config, workdir: str) -> dict:
   with lock_lib.job_lock(workdir, log=metrics_lib.log) as lock:  # before anything in the
     # workdir is touched
     mesh = sharding.make_mesh(cfg.mesh)
-    check_batch(cfg, mesh)
+    batches.check_batch(cfg, mesh)
     goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
     status, step = "error", 0
     ckpt = Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint)
@@ -116,11 +93,11 @@ class _Run:
     self.cfg, self.workdir, self.mesh, self.ckpt = cfg, workdir, mesh, ckpt
     self.goodput, self.lock = goodput, lock
     self.built = state_lib.build(cfg, mesh)
-    self.spec = row_spec(cfg)
+    self.spec = batches.row_spec(cfg)
     self.stats = skips.SkipStats()
     self.data = pipeline.train_iterator(cfg.data, self.spec, global_batch=cfg.train.batch_size,
                                         seed=cfg.train.seed, stats=self.stats)
-    self.batch_sh = batch_shardings(mesh, self.spec, cfg.train.batch_size)
+    self.batch_sh = batches.batch_shardings(mesh, self.spec, cfg.train.batch_size)
     self.stop_sh = sharding.batch_sharding(mesh, 1)
 
   def start(self):
@@ -169,31 +146,32 @@ class _Run:
   def evaluate(self, state, n: int, writer: metrics_lib.MetricsWriter) -> dict:
     """An eval of step `n`: to metrics.jsonl and WORKDIR/eval_<n>.json, as --mode=eval."""
     t0 = time.perf_counter()
-    result = evaluate_state(self.cfg, self.built, state, self.mesh)
+    result = evaluate_lib.evaluate_state(self.cfg, self.built, state, self.mesh)
     self.goodput.event("eval", step=n, dur_s=time.perf_counter() - t0)
     writer.write(n, result)
-    write_eval_json(self.cfg, self.workdir, n, result)
+    evaluate_lib.write_eval_json(self.cfg, self.workdir, n, result)
     return result
 
-  def stopped(self, n: int, saved: bool, signals: stopping.StopSignals) -> Preempted:
-    """The stop after step `n`: its save committed (a restart finds it), or, past the grace
-    period's end, given up so the process exits 42 before the scheduler's kill."""
+  def stopped(self, n: int, saved: bool, late: bool,
+              signals: stopping.StopSignals) -> Preempted:
+    """The stop after step `n`: its save committed (a restart finds it), or, `late` (no time
+    was left to start it) or past the grace period's end, given up so the process exits 42
+    before the scheduler's kill."""
     grace = self.cfg.train.stop_grace_s
     left = signals.left(grace)
     committed = self.ckpt.wait(None if left is None else max(left - EXIT_MARGIN_S, 0.0))
+    if not committed:
+      metrics_lib.log(f"checkpoint step {n} could not commit within "
+                      f"config.train.stop_grace_s={grace:g} s of the {signals.received}: "
+                      "abandoned (a restart never resumes from it)")
     why_not = "during a non-finite streak"
-    if not committed or (not saved and left is not None and left < EXIT_MARGIN_S):
-      if not committed:
-        metrics_lib.log(f"checkpoint step {n} could not commit within "
-                        f"config.train.stop_grace_s={grace:g} s of the {signals.received}: "
-                        "abandoned (a restart never resumes from it)")
+    if late or not committed:
       saved, why_not = False, f"in the {grace:g} s before the kill"
     step = n if saved else self.ckpt.newest_intact
     self.goodput.event("preempted", step=step or 0)
-    stop = Preempted(step, signals.received or "a stop signal on another process",
-                     saved=saved, why_not=why_not)
-    stop.abandoned = not committed  # main.py exits at once: no teardown waits for the save
-    return stop
+    # Abandoned: main.py exits at once, since the interpreter's teardown would wait for it.
+    return Preempted(step, signals.received or "a stop signal on another process",
+                     saved=saved, why_not=why_not, abandoned=not committed)
 
   def observe(self, guard: stopping.StepGuard, pending: list) -> None:
     """Reads the flags of the steps in `pending` (in order, emptied); a step that applied its
@@ -231,7 +209,7 @@ class _Run:
     if start >= total:  # restarting a finished run: nothing to train, nothing to append
       metrics_lib.log(f"the run in {self.workdir} finished at step {start} already; nothing "
                       "to do")
-      return _read_eval(self.workdir, start)
+      return evaluate_lib.read_eval(self.workdir, start)
     guard = stopping.StepGuard(cfg.train.max_nonfinite_steps,
                                self.ckpt.read_counters(start).get("skipped_nonfinite", 0)
                                if start else 0)
@@ -279,7 +257,7 @@ class _Run:
             guard.stop = True  # no other process to agree with: stop after this step
           log = n % cfg.train.log_every == 0 or n == total
           evals = (cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total
-                   and has_eval_data(cfg))
+                   and evaluate_lib.has_eval_data(cfg))
           saves = n < total and (n % cfg.checkpoint.every == 0 or guard.stop)
           if log or evals or saves:  # these wait for step n anyway: its flags first
             self.observe(guard, pending)
@@ -297,18 +275,19 @@ class _Run:
             window.flush(n)
             self.evaluate(state, n, writer)
             window.restart(n)
-          saved = False
+          saved = late = False
           if saves or (n < total and guard.stop):
             window.flush(n)
             left = signals.left(cfg.train.stop_grace_s) if guard.stop else None
-            if left is not None and left < EXIT_MARGIN_S:
+            late = left is not None and left < EXIT_MARGIN_S
+            if late:
               metrics_lib.log(f"checkpoint step {n} not written: {max(left, 0):.1f} s of "
                               f"config.train.stop_grace_s={cfg.train.stop_grace_s:g} left")
             else:
               saved = self.save(state, n, guard)
             window.restart(n)
           if guard.stop and n < total:
-            raise self.stopped(n, saved, signals)
+            raise self.stopped(n, saved, late, signals)
         self.observe(guard, pending)
         window.flush(total)
         if self.ckpt.latest_step() != total:
@@ -316,14 +295,14 @@ class _Run:
         self.ckpt.wait()
         if not guard.streak:  # the run's result: no step follows to vouch for it
           self.ckpt.vouch(total)
-        if not has_eval_data(cfg):
+        if not evaluate_lib.has_eval_data(cfg):
           metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
           metrics_lib.log(outputs_note(self.workdir, total, evaluated=False))
           result = last
         else:
           heartbeat.beat("eval", step=total, ckpt=self.ckpt.newest_intact)
           result = {**last, **self.evaluate(state, total, writer)}
-          metrics_lib.log(f"final eval at step {total}: {_fmt(result)}")
+          metrics_lib.log(f"final eval at step {total}: {evaluate_lib.fmt(result)}")
           metrics_lib.log(outputs_note(self.workdir, total, evaluated=True))
     except BaseException as e:
       with contextlib.suppress(OSError):  # the error in flight is the one to report
@@ -333,17 +312,6 @@ class _Run:
       raise
     writer.close()
     return result
-
-
-def _read_eval(workdir: str, step: int) -> dict:
-  """The eval a finished run wrote for its last step ({} if there is none)."""
-  path = paths.join(workdir, f"eval_{step}.json")
-  if not paths.exists(path):
-    return {}
-  try:
-    return json.loads(paths.read_text(path))
-  except (OSError, ValueError):
-    return {}
 
 
 def outputs_note(workdir: str, step: int, evaluated: bool) -> str:
@@ -374,145 +342,3 @@ class _Window:
     self.restart(last)
 
 
-@functools.cache
-def _eval_fn(built, batch_sh_items):
-  """The jitted eval step, built once per (state layout, batch layout). It takes the state
-  without its optimizer state (`_weights`), which --mode=eval never reads."""
-  return jax.jit(functools.partial(eval_step, built.fns),
-                 in_shardings=(_weights(built.shardings), dict(batch_sh_items)))
-
-
-def _weights(state):
-  return state.replace(opt_state=None)
-
-
-def has_eval_data(cfg: Config) -> bool:
-  return cfg.data.embedded or bool(cfg.data.eval_json)
-
-
-def evaluate_state(cfg: Config, built, state, mesh) -> dict:
-  """Loss, perplexity and exact-match answer accuracy on the held-out split, every record
-  scored once (padding rows count toward nothing: pipeline.eval_iterator)."""
-  spec = row_spec(cfg)
-  batch_sh = batch_shardings(mesh, spec, cfg.train.batch_size)
-  fn = _eval_fn(built, tuple(sorted(batch_sh.items())))
-  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
-                                max_batches=cfg.train.eval_batches)
-  sums: dict[str, float] = {}
-  names = pipeline.kind_names(cfg.data)
-  per_kind = np.zeros((len(names), 2), np.int64)  # [kind, (exact, answers)]
-  for local in data:
-    heartbeat.beat("eval")
-    # A padding row has no loss token, so eval_step's sums skip it; per kind, its kind -1.
-    kinds = np.where(local.pop("row_valid"), local.pop("kind")[:, 0], -1)
-    out = fn(_weights(state), pipeline.global_batch(drop_modality(cfg, local), batch_sh))
-    rows = {k: multihost_utils.process_allgather(out.pop(k), tiled=True)
-            for k in ("row_exact", "row_answer")}
-    out = jax.device_get(out)
-    sums = {k: sums.get(k, 0) + float(v) for k, v in out.items()}
-    kinds = multihost_utils.process_allgather(kinds, tiled=True)
-    for k in range(len(names)):
-      per_kind[k] += [(rows["row_exact"] & (kinds == k)).sum(),
-                      (rows["row_answer"] & (kinds == k)).sum()]
-  if not sums.get("answers"):
-    raise ValueError(f"no held-out record to score (config.data.num_eval="
-                     f"{cfg.data.num_eval}, or every record skipped)")
-  loss = sums["loss_sum"] / max(sums["loss_tokens"], 1)
-  result = {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))),
-            "eval/accuracy": sums["exact"] / max(sums["answers"], 1),
-            "eval/samples": int(sums["answers"])}
-  result.update(_accuracy_by_kind(names, per_kind))
-  if cfg.eval.generate:
-    result.update(generated_accuracy(cfg, built, state, spec))
-  return result
-
-
-def _accuracy_by_kind(names: tuple[str, ...], counts: np.ndarray) -> dict[str, float]:
-  """eval/accuracy/<kind> for each kind, then eval/accuracy/<kind>/<question> where a kind's
-  labels name questions: counts int[labels, (exact, answers)]."""
-  kinds: dict[str, np.ndarray] = {}
-  for name, c in zip(names, counts, strict=True):
-    kinds[name.split("/")[0]] = kinds.get(name.split("/")[0], 0) + c
-  out = {f"eval/accuracy/{k}": float(hits / n) for k, (hits, n) in kinds.items() if n}
-  out.update({f"eval/accuracy/{name}": float(hits / n)
-              for name, (hits, n) in zip(names, counts, strict=True) if n and "/" in name})
-  return out
-
-
-def drop_modality(cfg: Config, local: dict) -> dict:
-  """The batch with `config.eval.drop_modality`'s input zeroed (an ablation): placeholders
-  and validity stay, so the model sees the same sequence with that input blank."""
-  key = {"image": "images", "video": "video", "audio": "audio"}.get(cfg.eval.drop_modality)
-  if key is None or key not in local:
-    return local
-  return {**local, key: np.zeros_like(local[key])}
-
-
-def generated_accuracy(cfg: Config, built, state, spec) -> dict:
-  """VQA-style accuracy of greedy answers generated with the KV cache (mm_jax.infer)."""
-  from flax import nnx
-
-  from mm_jax.infer import generate, prompts, vqa
-
-  if jax.process_count() > 1:  # Generator takes process-local numpy batches
-    metrics_lib.log("eval.generate: single-process only for now; skipped")
-    return {}
-  tok = prompts.tokenizer_for(cfg)
-  settings = generate.Decoding(max_new_tokens=cfg.generate.max_new_tokens,
-                               stop_ids=prompts.stop_ids(cfg, tok), pad_id=int(tok.pad_id))
-  gen = generate.Generator(nnx.merge(built.fns.graphdef, state.params, state.frozen), settings)
-  data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
-                                max_batches=cfg.train.eval_batches)
-  correct = total = 0
-  for local in data:
-    # score_batch scores the rows with a loss token: never a padding row.
-    local["loss_mask"] = local["loss_mask"] & local.pop("row_valid")[:, None]
-    c, n = vqa.score_batch(gen, drop_modality(cfg, local), tok.decode)
-    correct, total = correct + c, total + n
-  return {"eval/vqa_accuracy": correct / max(total, 1), "eval/vqa_samples": total}
-
-
-def evaluate(cfg: Config, workdir: str) -> dict:
-  """--mode=eval: restores the latest checkpoint and evaluates it."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  built = state_lib.build(cfg, mesh)
-  directory = paths.join(workdir, "checkpoints")
-  if not paths.isdir(directory) or not paths.listdir(directory):
-    raise FileNotFoundError(f"--mode=eval: no checkpoint under {workdir}/checkpoints")
-  # read_only: a run training in this workdir may be writing a checkpoint right now.
-  ckpt = Checkpointer(directory, cfg.checkpoint, read_only=True)
-  try:
-    with jax.set_mesh(mesh):  # the newest checkpoint that verifies; nothing is moved
-      state, step = recovery.restore_latest(built, cfg, ckpt, workdir, optimizer=False,
-                                            move_aside=False)
-      if state is None:
-        raise FileNotFoundError(f"--mode=eval: no checkpoint under {directory}")
-      result = evaluate_state(cfg, built, state, mesh)
-  finally:
-    ckpt.close()
-  write_eval_json(cfg, workdir, step, result)
-  if jax.process_index() == 0:
-    writer = metrics_lib.MetricsWriter(workdir)
-    writer.write(step, result)
-    writer.close()
-  metrics_lib.log(f"eval at step {step}: {_fmt(result)}")
-  return result
-
-
-def write_eval_json(cfg: Config, workdir: str, step: int, result: dict) -> None:
-  """WORKDIR/eval_<step>.json (process 0): accuracy per kind and per question, then every
-  metric of `result` (evaluate_state), for --mode=eval and the evals of a training run."""
-  if jax.process_index() != 0:
-    return
-  accuracy = {k.removeprefix("eval/accuracy/"): v for k, v in result.items()
-              if k.startswith("eval/accuracy/")}
-  by_question = {k: accuracy.pop(k) for k in list(accuracy) if "/" in k}
-  # An ablation writes beside the plain result, never over it.
-  drop = f"_drop_{cfg.eval.drop_modality}" if cfg.eval.drop_modality else ""
-  paths.write_text(paths.join(workdir, f"eval_{step}{drop}.json"), json.dumps(
-      {"step": step, "accuracy": accuracy, "accuracy_by_question": by_question,
-       "drop_modality": cfg.eval.drop_modality, **result}, indent=2))
-
-
-def _fmt(d: dict) -> str:
-  return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())

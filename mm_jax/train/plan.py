@@ -49,15 +49,15 @@ def lower_train_step(cfg: Config, mesh: jax.sharding.Mesh, built=None) -> jax.st
   """The train step as `loop.train` jits it, lowered for `mesh` from abstract shapes
   (nothing is allocated). `built`: the state_lib.build of `cfg` on `mesh`, when the caller
   has it."""
-  from mm_jax.train import loop
+  from mm_jax.train import batches, loop
   from mm_jax.train import state as state_lib
 
   built = built or state_lib.build(cfg, mesh)
-  spec, b = loop.row_spec(cfg), cfg.train.batch_size
+  spec, b = batches.row_spec(cfg), cfg.train.batch_size
   batch = {k: jax.ShapeDtypeStruct(shape, dtype)
            for k, (shape, dtype) in pipeline.batch_shapes(spec, b).items()}
   stop = jax.ShapeDtypeStruct((b,), np.bool_)
-  fn = loop.jit_train_step(built, loop.batch_shardings(mesh, spec, b),
+  fn = loop.jit_train_step(built, batches.batch_shardings(mesh, spec, b),
                            sharding.batch_sharding(mesh, 1))
   with jax.set_mesh(mesh):
     return fn.lower(built.abstract, batch, stop)

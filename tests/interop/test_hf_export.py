@@ -29,7 +29,7 @@ from mm_jax.interop import hf, hf_export
 from mm_jax.interop import hf_mapping as hm
 from mm_jax.interop import safetensors_io as sio
 from mm_jax.models import stack
-from mm_jax.train import loop
+from mm_jax.train import batches
 from mm_jax.train import state as state_lib
 from mm_jax.train import workdir as workdir_lib
 from mm_jax.train.checkpoint import Checkpointer
@@ -68,7 +68,7 @@ def test_cli_export_of_a_run_started_from_llava_matches_transformers(tmp_path, s
 
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
   workdir_lib.write_config(cfg, workdir)
-  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  data = pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=8, seed=0)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   ckpt.save(3, state, data)
   ckpt.close()

@@ -229,7 +229,7 @@ def test_every_nameable_topology_renders_a_jobset_that_validates(kw):
   m = yaml.safe_load(gke.render(spec))
   validate.all_checks(m, spec)
   pod = _pod(m)
-  argv = gke_gpu.main_argv(pod["containers"][0])
+  argv = gke_gpu.container_argv(pod["containers"][0])
   assert argv[:3] == ["python", "main.py", ARGS[0]]
   assert argv[3] == f"--config.train.stop_grace_s={15 if kw.get('spot') else 600}"
   if kw.get("spot"):

@@ -13,7 +13,7 @@ from flax import nnx
 from mm_jax.config import ConfigError, from_config_dict
 from mm_jax.data import pipeline
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
-from mm_jax.train import loop
+from mm_jax.train import batches
 
 MODES = ("none", "full", "dots")
 
@@ -46,7 +46,7 @@ def _assert_close(got: list, want: list, what: str):
 
 def test_remat_modes_give_identical_loss_and_gradients():
   cfg = tiny_config()
-  batch = next(pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=4, seed=0))
+  batch = next(pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=4, seed=0))
   batch = jax.tree.map(jnp.asarray, batch)
   base_loss, base_grads = _loss_and_grads("none", batch)
   assert len(base_grads) > 20  # towers, projector and decoder all get gradients
@@ -70,7 +70,7 @@ def test_remat_with_frozen_modules_under_grad():
   jit arguments, not differentiated). nnx.remat refused this in flax 0.12.8
   (TraceContextError), so every big preset's pretrain/finetune stage failed to step."""
   cfg = tiny_config(**{"model.remat": "full"})
-  batch = next(pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=2, seed=0))
+  batch = next(pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=2, seed=0))
   batch = jax.tree.map(jnp.asarray, batch)
   model = MultimodalModel(resolve_backends(cfg.model), rngs=nnx.Rngs(0))
   towers = nnx.PathContains("towers")

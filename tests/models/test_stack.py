@@ -17,7 +17,7 @@ from flax import nnx
 from mm_jax.data import pipeline
 from mm_jax.models import stack
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
-from mm_jax.train import loop
+from mm_jax.train import batches
 
 
 def _model(cfg):
@@ -39,7 +39,7 @@ def _loss_and_grads(model, batch):
 
 
 def _batch(cfg, n=4):
-  it = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=n, seed=0)
+  it = pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=n, seed=0)
   return jax.tree.map(jnp.asarray, next(it))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from mm_jax import sharding
 from mm_jax.data import pipeline
-from mm_jax.train import loop
+from mm_jax.train import batches
 from mm_jax.train import state as state_lib
 from mm_jax.train.step import train_step
 
@@ -17,8 +17,8 @@ def losses_on_mesh(cfg, devices, steps: int):
   mesh over `devices`."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
   built = state_lib.build(cfg, mesh)
-  spec = loop.row_spec(cfg)
-  batch_sh = loop.batch_shardings(mesh, spec, cfg.train.batch_size)
+  spec = batches.row_spec(cfg)
+  batch_sh = batches.batch_shardings(mesh, spec, cfg.train.batch_size)
   fn = jax.jit(functools.partial(train_step, built.fns),
                in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, None))
   data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size, seed=0)

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_config
 
 from mm_jax.data import pipeline
-from mm_jax.train import loop
+from mm_jax.train import evaluate, loop
 
 CFG = {"train.batch_size": 8, "train.steps": 40, "train.log_every": 5, "checkpoint.every": 10,
        "data.num_train": 96, "data.num_eval": 32,
@@ -63,7 +63,7 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
 
 def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint under"):
-    loop.evaluate(tiny_config(**CFG), str(tmp_path))
+    evaluate.evaluate(tiny_config(**CFG), str(tmp_path))
 
 
 def test_eval_restores_the_weights_without_the_optimizer_state(tmp_path):
@@ -88,5 +88,5 @@ def test_eval_restores_the_weights_without_the_optimizer_state(tmp_path):
     np.testing.assert_array_equal(a, b)
   assert a.sharding == b.sharding
   # --mode=eval (optimizer=False) scores the checkpoint as the run's own final eval did.
-  evaluated = loop.evaluate(cfg, str(tmp_path))
+  evaluated = evaluate.evaluate(cfg, str(tmp_path))
   np.testing.assert_allclose(evaluated["eval/loss"], trained["eval/loss"], rtol=1e-6)

@@ -1,4 +1,4 @@
-"""train/loop's eval: per-kind and per-question accuracy (_accuracy_by_kind), every held-out
+"""train/evaluate.py: per-kind and per-question accuracy (_accuracy_by_kind), every held-out
 record scored once (the last batch padded), and the eval_<step>.json of a training run."""
 
 import json
@@ -8,9 +8,9 @@ import numpy as np
 from conftest import tiny_config
 
 from mm_jax import sharding
-from mm_jax.train import loop
+from mm_jax.train import batches, evaluate, loop
 from mm_jax.train import state as state_lib
-from mm_jax.train.loop import _accuracy_by_kind
+from mm_jax.train.evaluate import _accuracy_by_kind
 
 
 def test_kinds_sum_their_questions_and_plain_kinds_pass_through():
@@ -31,14 +31,14 @@ def _evaluate(**overrides):
   built = state_lib.build(cfg, mesh)
   with jax.set_mesh(mesh):
     state = state_lib.initialise(built, cfg)
-    return loop.evaluate_state(cfg, built, state, mesh), built, cfg, mesh
+    return evaluate.evaluate_state(cfg, built, state, mesh), built, cfg, mesh
 
 
 def test_every_record_is_scored_once_and_padding_counts_for_nothing():
   padded, built, cfg, mesh = _evaluate(**{"data.num_eval": 200, "train.batch_size": 32})
   assert padded["eval/samples"] == 200  # 6 full batches and 8 of 32 rows (192 before)
-  sh = loop.batch_shardings(mesh, loop.row_spec(cfg), 32)
-  assert loop._eval_fn(built, tuple(sorted(sh.items())))._cache_size() == 1  # one compile
+  sh = batches.batch_shardings(mesh, batches.row_spec(cfg), 32)
+  assert evaluate._eval_fn(built, tuple(sorted(sh.items())))._cache_size() == 1  # one compile
   # 40 divides the split: no padding row. The same records give the same sums.
   exact, *_ = _evaluate(**{"data.num_eval": 200, "train.batch_size": 40})
   assert padded.keys() == exact.keys()
@@ -76,7 +76,7 @@ def test_training_writes_eval_json_at_each_eval_as_mode_eval_does(tmp_path):
   assert [d["step"] for d in during] == [2, 4]
   assert all(d["eval/samples"] == 20 for d in during)
   assert during[1]["eval/loss"] == trained["eval/loss"]
-  loop.evaluate(cfg, str(tmp_path))  # --mode=eval of the step-4 checkpoint: same layout
+  evaluate.evaluate(cfg, str(tmp_path))  # --mode=eval of the step-4 checkpoint: same layout
   again = json.loads((tmp_path / "eval_4.json").read_text())
   assert list(again) == list(during[1])
   assert again["accuracy"].keys() == during[1]["accuracy"].keys()

@@ -18,7 +18,7 @@ from mm_jax.config import ConfigError
 from mm_jax.data import pipeline
 from mm_jax.models import lora
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
-from mm_jax.train import loop
+from mm_jax.train import batches
 from mm_jax.train import state as state_lib
 from mm_jax.train.step import train_step
 
@@ -43,7 +43,7 @@ def logits(model, batch) -> np.ndarray:
 
 
 def _batch(cfg, n=4):
-  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=n, seed=0)
+  data = pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=n, seed=0)
   return jax.tree.map(jax.numpy.asarray, next(data))
 
 
@@ -125,7 +125,7 @@ def _train(cfg, steps: int, start=None):
   """Losses of `steps` steps on one device, from `start`'s parameters (by path) if given."""
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   built = state_lib.build(cfg, mesh)
-  spec = loop.row_spec(cfg)
+  spec = batches.row_spec(cfg)
   fn = jax.jit(functools.partial(train_step, built.fns), donate_argnums=0)
   data = pipeline.train_iterator(cfg.data, spec, global_batch=cfg.train.batch_size, seed=0)
   state = jax.jit(built.init)()

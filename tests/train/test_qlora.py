@@ -17,7 +17,7 @@ from mm_jax.data import pipeline
 from mm_jax.models import lora, quant
 from mm_jax.models.multimodal import MultimodalModel, resolve_backends
 from mm_jax.train import base as base_lib
-from mm_jax.train import loop
+from mm_jax.train import batches
 from mm_jax.train import state as state_lib
 from mm_jax.train.checkpoint import Checkpointer
 
@@ -96,7 +96,7 @@ def test_checkpoint_holds_what_trains_and_refuses_another_base(tmp_path):
   state = state.replace(params=jax.tree.map(lambda x: x + 1, state.params))  # "trained"
   record = {"fingerprint": base_lib.fingerprint(state.frozen), "source": base_lib.source(cfg)}
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)
-  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  data = pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=8, seed=0)
   ckpt.save(5, state, data, base=record)
   ckpt.wait()
   restored = state_lib.restore(built, cfg, ckpt, 5)

@@ -15,7 +15,7 @@ from mm_jax import sharding
 from mm_jax.config import ConfigError
 from mm_jax.data import pipeline
 from mm_jax.faults import CheckpointError, Diverged
-from mm_jax.train import loop, recovery
+from mm_jax.train import batches, loop, recovery
 from mm_jax.train import state as state_lib
 from mm_jax.train.checkpoint import QUARANTINE, Checkpointer
 
@@ -116,7 +116,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(fault, trained, 
   cfg = _cfg(**{"train.steps": 10})
   mesh = sharding.make_mesh(cfg.mesh)
   built = state_lib.build(cfg, mesh)
-  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  data = pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=8, seed=0)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
   with jax.set_mesh(mesh):
     state, step = recovery.restore_latest(built, cfg, ckpt, workdir, data)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from mm_jax import sharding
 from mm_jax.data import pipeline
-from mm_jax.train import loop
+from mm_jax.train import batches
 from mm_jax.train import state as state_lib
 from mm_jax.train.step import token_losses, train_step
 
@@ -45,7 +45,7 @@ def test_loss_counts_only_masked_tokens():
   cfg = tiny_config(**SMALL)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   built = state_lib.build(cfg, mesh)
-  spec = loop.row_spec(cfg)
+  spec = batches.row_spec(cfg)
   batch = next(pipeline.train_iterator(cfg.data, spec, global_batch=8, seed=0))
   with jax.set_mesh(mesh):
     state = state_lib.initialise(built)
@@ -67,7 +67,7 @@ def test_micro_batches_must_split_over_data_parallel_devices():
   cfg = tiny_config(**{"train.batch_size": 8, "optim.grad_accum": 4, "mesh.data": 4})
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
   with pytest.raises(config_lib.ConfigError, match="config.optim.grad_accum: micro-batch 2"):
-    loop.check_batch(cfg, mesh)
+    batches.check_batch(cfg, mesh)
 
 
 def test_a_nonfinite_update_applies_nothing():
@@ -77,7 +77,7 @@ def test_a_nonfinite_update_applies_nothing():
                                 "optim.schedule": "constant"})
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   built = state_lib.build(cfg, mesh)
-  data = pipeline.train_iterator(cfg.data, loop.row_spec(cfg), global_batch=8, seed=0)
+  data = pipeline.train_iterator(cfg.data, batches.row_spec(cfg), global_batch=8, seed=0)
   step = jax.jit(functools.partial(train_step, built.fns))
   with jax.set_mesh(mesh):
     state = state_lib.initialise(built)
