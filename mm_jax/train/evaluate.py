@@ -173,4 +173,6 @@ def write_eval_json(cfg: Config, workdir: str, step: int, result: dict) -> None:
 
 
 def fmt(d: dict) -> str:
-  return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+  # np.floating too: the train metrics come from device_get as numpy scalars.
+  return " ".join(f"{k} {v:.4f}" if isinstance(v, float | np.floating) else f"{k} {v}"
+                  for k, v in d.items())
