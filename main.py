@@ -3,8 +3,9 @@
   python main.py --config=configs/llava.py:tiny --workdir=/tmp/tiny
   python main.py --config=configs/llava.py:7b,stage=pretrain --dry_run
   python main.py --config=configs/llava.py:7b,stage=finetune --dry_run --target=v5p-16
-  python main.py --mode=generate --config=configs/llava.py:tiny --workdir=/tmp/tiny \
-      --image=shape.png --prompt="what shape is it?"
+  python -m mm_jax.data.export --out=runs/shapes   # the shapes set as files
+  python main.py --mode=generate --workdir=/tmp/tiny \
+      --image=runs/shapes/images/eval_4.png --prompt="what shape is it?"
 """
 
 import os
@@ -117,9 +118,16 @@ class _NoLibraryTracebacks(std_logging.Filter):
     return not (record.exc_info and "/orbax/" in record.pathname or record.name == "asyncio")
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl's help flags print the usage to stdout, then exit 1; asked for, it is a success.
+    asked = any(a.lstrip("-").partition("=")[0] in _HELP_FLAGS for a in argv[1:])
+    sys.exit(0 if asked and e.code == 1 else e.code)
   except Exception as e:  # noqa: BLE001 - reported in one line
     _fail_at_start(e)
 

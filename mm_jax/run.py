@@ -183,10 +183,14 @@ def main(cd, workdir: str | None, mode: str = "train", dry: bool = False, *,
   from mm_jax.train import evaluate, loop
 
   if jax.process_index() == 0:
+    mesh = dict(sharding.make_mesh(cfg.mesh).shape)  # -1 resolved: what the run will use
     print(f"mm_jax: {cfg.name} stage={cfg.stage} mode={mode} on {jax.device_count()} "
-          f"{target.local().platform} device(s)", flush=True)
+          f"{target.local().platform} device(s), mesh {mesh}", flush=True)
   if mode == "train":
     return loop.train(cfg, workdir)
-  if mode == "eval":
+  if mode == "eval":  # the run's batch size, maybe on fewer or more devices than it had
+    from mm_jax.train import batches
+
+    batches.check_batch(cfg, sharding.make_mesh(cfg.mesh), micro_batches=False)
     return evaluate.evaluate(cfg, workdir)
   raise ValueError(f"--mode={mode}: expected train, eval or generate")

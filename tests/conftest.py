@@ -5,14 +5,17 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the session, shared with the main.py processes tests start:
 # many tests compile the same tiny step, and compiling dominates their time on 2 cores.
 # A fresh folder per session, so no test ever runs an executable built by another version.
-_CACHE = tempfile.mkdtemp(prefix="mm_jax_xla_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# pytest-xdist's workers inherit the controller's folder (made here before they start).
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mm_jax_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
@@ -68,4 +71,5 @@ collect_ignore_glob = [] if importlib.util.find_spec("xmanager") else ["launch/x
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_CACHE, ignore_errors=True)
+  if _CACHE:  # only the process that made it: the controller, once every worker is done
+    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -47,6 +47,14 @@ def test_a_startup_error_is_one_line(tmp_path, args, line):
   assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
+@pytest.mark.parametrize("flag", ["--help", "--helpfull"])
+def test_help_prints_the_flags_and_exits_0(flag):
+  r = _main(flag)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "--workdir: Checkpoints, metrics and config.json." in r.stdout
+  assert ("\nabsl.logging:\n" in r.stdout) == (flag == "--helpfull")  # absl's flags too
+
+
 def test_debug_shows_the_traceback():
   r = _main(TINY, "--dry_run", "--config.mesh.fsdp=3", "--debug")
   assert r.returncode != 0 and "Traceback" in r.stderr

@@ -5,6 +5,7 @@ collectives, 2 devices each); every child has a hard deadline and is killed on t
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -343,3 +344,46 @@ def _wait_for_ready(tmp_path, procs, report, timeout_s=120):
       pytest.fail(f"a child ended before the loop started{report()}")
     time.sleep(0.1)
   pytest.fail(f"the children did not start within {timeout_s} s{report()}")
+
+
+def test_two_processes_score_generated_answers_as_one(tmp_path, monkeypatch):
+  """evaluate_state with eval.generate on 2 processes x 2 devices (one decode over the global
+  mesh per batch, uneven shares of 7 and 6 records) against this process alone (4 devices):
+  the same eval/vqa_* metrics on both processes, each equal to the single-process ones, and
+  between them every row's generated ids exactly once. Initial weights: their answers are
+  wrong, but differ from row to row, so the rows check where each process's answers went."""
+  from conftest import tiny_config
+
+  from mm_jax import sharding  # the trainer's modules, imported here only: the rest of this
+  from mm_jax.infer import vqa  # file's tests need none of them
+  from mm_jax.train import evaluate
+  from mm_jax.train import state as state_lib
+
+  rows, count = [], vqa.count_correct
+  def record(answers, references, *args):
+    rows.extend([[int(i) for i in g], [int(i) for i in w]]
+                for g, w in zip(answers, references, strict=True))
+    return count(answers, references, *args)
+  monkeypatch.setattr(vqa, "count_correct", record)
+  cfg = tiny_config(**{"data.num_eval": 13, "train.batch_size": 8, "eval.generate": True,
+                       "generate.max_new_tokens": 4})  # distributed_worker.GENERATE
+  with _cluster_of(tmp_path, [0, 1], 2, "generate", timeout_s=60) as (procs, _, report):
+    # The reference, while the children run, on as many devices as they have together.
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+    built = state_lib.build(cfg, mesh)
+    with jax.set_mesh(mesh):
+      alone = evaluate.evaluate_state(cfg, built, state_lib.initialise(built, cfg), mesh)
+    codes = [_wait(p, 240, report) for p in procs]
+    assert codes == [0, 0], report()
+  got = []
+  for i in range(2):
+    lines = (tmp_path / f"out{i}.txt").read_text().splitlines()
+    got += [json.loads(x.removeprefix("GENERATE ")) for x in lines if x.startswith("GENERATE")]
+  assert len(got) == 2, report()
+  assert alone["eval/vqa_samples"] == 13
+  for one in got:
+    assert (one["eval/vqa_accuracy"], one["eval/vqa_samples"]) == (
+        alone["eval/vqa_accuracy"], alone["eval/vqa_samples"])
+  assert [len(one["rows"]) for one in got] == [7, 6]
+  assert sorted(got[0]["rows"] + got[1]["rows"]) == sorted(rows)
+  assert len({str(g) for g, _ in rows}) > 3, ("answers too alike to tell rows apart", rows)

@@ -96,16 +96,25 @@ def decode_av(sample: sources.Sample, spec, data: DataConfig
 
 def llava_examples(data: DataConfig, spec, *, split: str):
   """(MapDataset of records, record -> example-or-marker)."""
-  path = data.json if split == "train" else data.eval_json
+  key = "json" if split == "train" else "eval_json"
+  path = getattr(data, key)
   if not path:
     raise ConfigError("config.data.eval_json: required to evaluate a llava_json run")
-  tok = tokenizer_for(data, spec)
+  # An empty file would end the first pass at once: StopIteration deep in the loop.
+  empty = ConfigError(f"config.data.{key}: {path} holds no records (an empty JSON list or "
+                      "JSON Lines file); give it at least one")
   if data.source == "tfds":
-    records = tfds_source.TfdsRecords(_built_tfds(path, data))
+    try:
+      records = tfds_source.TfdsRecords(_built_tfds(path, data))
+    except sources.NoRecords:
+      raise empty from None
     parse = tfds_source.parse_tfds_record
   else:
     records = sources.LlavaJsonSource(path, data.image_dir)
     parse = lambda record: sources.parse_record(record, image_dir=data.image_dir)
+  if not len(records):
+    raise empty
+  tok = tokenizer_for(data, spec)
 
   def make(record) -> dict:
     sample = parse(record)

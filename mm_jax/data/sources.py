@@ -68,6 +68,10 @@ class Sample:
   audio_from_video: bool = False
 
 
+class NoRecords(ValueError):
+  """A records file with none to convert (tfds_source.build)."""
+
+
 def read_records(path: str) -> list[dict]:
   """All records of a `.json` (one list) or `.jsonl` (one object per line) file.
 

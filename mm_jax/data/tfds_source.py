@@ -121,7 +121,7 @@ def _builder_class(json_path: str, image_dir: str, builder_name: str, config: st
     def _generate_examples(self):
       records = sources.read_records(json_path)
       if not records:  # tfds would fail later with a bare AssertionError
-        raise ValueError(f"{json_path}: no records to convert")
+        raise sources.NoRecords(f"{json_path}: no records to convert")
       for i, record in enumerate(records):
         yield i, to_example(record, i, image_dir)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -66,8 +67,26 @@ def answer(cfg: Config, model: MultimodalModel, text: str, images: Sequence[str]
   return tok.decode([i for i in out if i not in stops])
 
 
+def warn_missing_media(cfg: Config, images: Sequence[str] = (), videos: Sequence[str] = (),
+                       audios: Sequence[str] = ()) -> str | None:
+  """Logs one warning line when the model reads a modality no file was given for (it then
+  answers without it, silently otherwise); returns the line, None when nothing is missing."""
+  given = {"image": images, "video": videos, "audio": audios}
+  missing = [m for m in cfg.model.modalities if not given[m]]
+  if not missing:
+    return None
+  rest = [m for m in cfg.model.modalities if given[m]]
+  basis = " and ".join(["text", *rest]) if rest else "text"
+  line = (f"--mode=generate: no {' or '.join(f'--{m}' for m in missing)} given, so the model "
+          f"answers from the {basis} alone")
+  logging.warning(line)
+  return line
+
+
 def main(cfg: Config, workdir: str | None, text: str, images: Sequence[str] = (),
          videos: Sequence[str] = (), audios: Sequence[str] = ()) -> str:
+  if jax.process_index() == 0:
+    warn_missing_media(cfg, images, videos, audios)
   mesh = sharding.make_mesh(cfg.mesh)
   model, origin = load_model(cfg, workdir, mesh)
   with jax.set_mesh(mesh):

@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     export(args.workdir, args.out, args.step, dtype=args.dtype,
            max_shard_bytes=int(args.max_shard_gb * 1e9), peft_out=args.peft_out)
   except (config_lib.ConfigError, FileNotFoundError) as e:
-    parser.exit(2, f"error: {e}\n")
+    # One line and exit 1, as main.py reports a config error (docs/reliability.md); 2 stays
+    # argparse's, for a command line it cannot parse.
+    kind = "config error" if isinstance(e, config_lib.ConfigError) else "error"
+    parser.exit(1, f"{kind}: {e}\n")
 
 
 if __name__ == "__main__":

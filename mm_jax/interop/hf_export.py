@@ -93,6 +93,15 @@ def check_exportable(cfg: ModelConfig) -> None:
   export_kind(cfg)
 
 
+def exportable(cfg: ModelConfig) -> bool:
+  """Whether the export accepts `cfg` (a finished run offers the export command only then)."""
+  try:
+    export_kind(cfg)
+  except ConfigError:
+    return False
+  return True
+
+
 def _text_config(cfg: ModelConfig, special: dict[str, int | None], max_positions: int) -> dict:
   """text_config: LlamaConfig or PhiConfig fields. RoPE values sit both at the top (4.x
   reads them there) and in rope_parameters (5.x)."""

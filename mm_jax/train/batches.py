@@ -19,13 +19,21 @@ def row_spec(cfg: Config) -> pipeline.RowSpec:
   return pipeline.RowSpec.create(cfg.data, cfg.model)
 
 
-def check_batch(cfg: Config, mesh) -> None:
-  """Every micro-batch must split evenly over the data-parallel devices (else XLA
-  reshuffles rows between devices on every step)."""
+def check_batch(cfg: Config, mesh, *, micro_batches: bool = True) -> None:
+  """Every micro-batch (the whole batch, without `micro_batches`: eval) must split evenly
+  over the data-parallel devices (else XLA reshuffles rows between devices on every step).
+  The error names config.train.batch_size, its divisor and the nearest values that split."""
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = cfg.train.batch_size // cfg.optim.grad_accum
-  if micro % dp:
-    raise config_lib.ConfigError(
-        f"config.optim.grad_accum: micro-batch {micro} (train.batch_size "
-        f"{cfg.train.batch_size} / {cfg.optim.grad_accum}) not divisible by {dp} "
-        "data-parallel devices (mesh data x fsdp)")
+  accum = cfg.optim.grad_accum if micro_batches else 1
+  batch, divisor = cfg.train.batch_size, dp * accum
+  if batch % divisor == 0:
+    return
+  over = f"over {dp} data-parallel devices (mesh data x fsdp)"
+  if accum > 1:
+    over = f"into {accum} micro-batches (config.optim.grad_accum) {over}"
+  below, above = batch // divisor * divisor, (batch // divisor + 1) * divisor
+  nearest = f"{below} or {above}" if below else str(above)
+  times = f"{accum} x {dp} = " if accum > 1 else ""
+  raise config_lib.ConfigError(
+      f"config.train.batch_size: {batch} does not split {over}: it must be a multiple of "
+      f"{times}{divisor} (nearest: {nearest})")

@@ -21,6 +21,7 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import grain
@@ -37,19 +38,34 @@ from mm_jax.train import metrics as metrics_lib
 QUARANTINE = "checkpoints_unusable"  # beside checkpoints/: steps that failed verification
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """orbax warns "Given directory is read only=<dir>" whenever read_only=True, i.e. on every
+  --mode=eval, --mode=generate and export: the option we chose, not a problem to report."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False):
+    # read_only: no saves, so save_interval_steps=0 (orbax warns and sets it otherwise).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, enable_async_checkpointing=cfg.async_save, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+        read_only=read_only, cleanup_tmp_directories=not read_only,
+        save_interval_steps=0 if read_only else 1)
     self.directory = paths.absolute(directory)
     self.keep, self.allow_unverified = cfg.keep, cfg.allow_unverified
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
-                       "base": ocp.JsonCheckpointHandler(),
-                       "integrity": ocp.JsonCheckpointHandler()})
+    quiet, absl_logger = _ReadOnlyNotice(), logging.getLogger("absl")  # orbax logs with absl
+    absl_logger.addFilter(quiet)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "data": grain.checkpoint.CheckpointHandler(),
+                         "base": ocp.JsonCheckpointHandler(),
+                         "integrity": ocp.JsonCheckpointHandler()})
+    finally:
+      absl_logger.removeFilter(quiet)
     self._pending: list[int] = []  # saved, commit not yet confirmed
     self._closed = False
     self._abandoned = False  # wait(timeout_s) gave up on a save in flight

@@ -81,7 +81,7 @@ def evaluate_state(cfg: Config, built, state, mesh) -> dict:
             "eval/samples": int(sums["answers"])}
   result.update(_accuracy_by_kind(names, per_kind))
   if cfg.eval.generate:
-    result.update(generated_accuracy(cfg, built, state, spec))
+    result.update(generated_accuracy(cfg, built, state, spec, mesh))
   return result
 
 
@@ -106,27 +106,36 @@ def drop_modality(cfg: Config, local: dict) -> dict:
   return {**local, key: np.zeros_like(local[key])}
 
 
-def generated_accuracy(cfg: Config, built, state, spec) -> dict:
-  """VQA-style accuracy of greedy answers generated with the KV cache (mm_jax.infer)."""
+def generated_accuracy(cfg: Config, built, state, spec, mesh) -> dict:
+  """VQA-style accuracy of greedy answers generated with the KV cache (mm_jax.infer).
+
+  With several processes each decode is one program over the mesh, on the sharded
+  parameters: every process hands in its own rows (as many batches each: eval_iterator), scores
+  the answers it gets back, and the counts are summed, so all return the same numbers.
+  """
   from flax import nnx
 
   from mm_jax.infer import generate, prompts, vqa
 
-  if jax.process_count() > 1:  # Generator takes process-local numpy batches
-    metrics_lib.log("eval.generate: single-process only for now; skipped")
-    return {}
   tok = prompts.tokenizer_for(cfg)
   settings = generate.Decoding(max_new_tokens=cfg.generate.max_new_tokens,
                                stop_ids=prompts.stop_ids(cfg, tok), pad_id=int(tok.pad_id))
-  gen = generate.Generator(nnx.merge(built.fns.graphdef, state.params, state.frozen), settings)
+  spmd = jax.process_count() > 1
+  gen = generate.Generator(nnx.merge(built.fns.graphdef, state.params, state.frozen), settings,
+                           mesh=mesh if spmd else None)
+  score = vqa.score_every_row if spmd else vqa.score_batch
   data = pipeline.eval_iterator(cfg.data, spec, global_batch=cfg.train.batch_size,
                                 max_batches=cfg.train.eval_batches)
   correct = total = 0
   for local in data:
-    # score_batch scores the rows with a loss token: never a padding row.
+    heartbeat.beat("eval generate")
+    # Only rows with a loss token are scored: never a padding row.
     local["loss_mask"] = local["loss_mask"] & local.pop("row_valid")[:, None]
-    c, n = vqa.score_batch(gen, drop_modality(cfg, local), tok.decode)
+    c, n = score(gen, drop_modality(cfg, local), tok.decode)
     correct, total = correct + c, total + n
+  if spmd:
+    correct, total = (int(x) for x in multihost_utils.process_allgather(
+        np.array([correct, total], np.int64)).sum(0))
   return {"eval/vqa_accuracy": correct / max(total, 1), "eval/vqa_samples": total}
 
 
@@ -173,6 +182,11 @@ def write_eval_json(cfg: Config, workdir: str, step: int, result: dict) -> None:
 
 
 def fmt(d: dict) -> str:
-  # np.floating too: the train metrics come from device_get as numpy scalars.
-  return " ".join(f"{k} {v:.4f}" if isinstance(v, float | np.floating) else f"{k} {v}"
-                  for k, v in d.items())
+  """`key value` pairs, floats to 4 places: Python floats, numpy scalars and the 0-d arrays
+  device_get gives for the train metrics."""
+  def one(v):
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+      v = v.item()
+    return f"{v:.4f}" if isinstance(v, float | np.floating) else f"{v}"
+
+  return " ".join(f"{k} {one(v)}" for k, v in d.items())

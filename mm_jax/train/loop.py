@@ -14,6 +14,7 @@ from mm_jax import goodput as goodput_lib
 from mm_jax.config import Config
 from mm_jax.data import pipeline, skips
 from mm_jax.faults import Diverged, Preempted, WriteError
+from mm_jax.interop import hf_export
 from mm_jax.train import base as base_lib
 from mm_jax.train import batches, recovery, stopping
 from mm_jax.train import evaluate as evaluate_lib
@@ -297,13 +298,17 @@ class _Run:
           self.ckpt.vouch(total)
         if not evaluate_lib.has_eval_data(cfg):
           metrics_lib.log("no held-out data (config.data.eval_json): final eval skipped")
-          metrics_lib.log(outputs_note(self.workdir, total, evaluated=False))
+          metrics_lib.log(outputs_note(self.workdir, total, evaluated=False,
+                                       exportable=hf_export.exportable(cfg.model)))
           result = last
         else:
           heartbeat.beat("eval", step=total, ckpt=self.ckpt.newest_intact)
           result = {**last, **self.evaluate(state, total, writer)}
-          metrics_lib.log(f"final eval at step {total}: {evaluate_lib.fmt(result)}")
-          metrics_lib.log(outputs_note(self.workdir, total, evaluated=True))
+          # Only the eval's figures: the train ones of the last step were printed already.
+          metrics_lib.log(f"final eval at step {total}: " + evaluate_lib.fmt(
+              {k: v for k, v in result.items() if k.startswith("eval/")}))
+          metrics_lib.log(outputs_note(self.workdir, total, evaluated=True,
+                                       exportable=hf_export.exportable(cfg.model)))
     except BaseException as e:
       with contextlib.suppress(OSError):  # the error in flight is the one to report
         writer.close()
@@ -314,14 +319,17 @@ class _Run:
     return result
 
 
-def outputs_note(workdir: str, step: int, evaluated: bool) -> str:
-  """What a finished run leaves and the commands that use it (printed at the end)."""
+def outputs_note(workdir: str, step: int, evaluated: bool, exportable: bool = True) -> str:
+  """What a finished run leaves and the commands that use it (printed at the end); the
+  export command only for a model the export takes (hf_export.exportable)."""
   files = [f"checkpoints/{step}", "config.json", "metrics.jsonl", "tensorboard/",
            "goodput.jsonl"] + ([f"eval_{step}.json"] if evaluated else [])
-  return (f"outputs in {workdir}: {', '.join(files)}\n"
-          f"  eval again: python main.py --mode=eval --workdir={workdir}  (reads its config.json)\n"
-          f"  export:     python -m mm_jax.interop.hf export --workdir={workdir} "
-          f"--out={workdir.rstrip('/')}_hf")
+  lines = [f"outputs in {workdir}: {', '.join(files)}",
+           f"  eval again: python main.py --mode=eval --workdir={workdir}  (reads its config.json)"]
+  if exportable:
+    lines.append(f"  export:     python -m mm_jax.interop.hf export --workdir={workdir} "
+                 f"--out={workdir.rstrip('/')}_hf")
+  return "\n".join(lines)
 
 
 class _Window:

@@ -218,6 +218,28 @@ def test_a_data_set_of_bad_records_stops_with_a_clear_error(monkeypatch):
     next(it)
 
 
+@pytest.mark.parametrize("source, content, split", [
+    ("llava_json", "[]", "train"), ("llava_json", "", "train"), ("llava_json", "[]", "eval"),
+    ("tfds", "\n", "train")], ids=["json", "jsonl", "eval_json", "tfds"])
+def test_a_records_file_with_none_is_one_config_error(tmp_path, source, content, split):
+  """An empty file used to end the first pass at once: a StopIteration deep in the loop."""
+  from mm_jax.config import ConfigError
+
+  path = tmp_path / ("records.json" if content.startswith("[") else "records.jsonl")
+  path.write_text(content)
+  cfg, spec = _spec(**{"data.source": source, "data.json": str(path),
+                       "data.eval_json": str(path), "data.image_dir": str(tmp_path),
+                       "data.tokenizer": "unused", "data.tfds_dir": str(tmp_path / "tfds")})
+  key = "json" if split == "train" else "eval_json"
+  with pytest.raises(ConfigError) as e:
+    if split == "train":
+      pipeline.train_iterator(cfg.data, spec, global_batch=4, seed=0)
+    else:
+      pipeline.eval_iterator(cfg.data, spec, global_batch=4)
+  assert str(e.value) == (f"config.data.{key}: {path} holds no records (an empty JSON list or "
+                          "JSON Lines file); give it at least one")
+
+
 def test_eval_rows_hold_one_sample_each():
   cfg, spec = _spec(**{"data.seq_len": 160, "data.images_per_sample": 2})
   batch = next(pipeline.eval_iterator(cfg.data, spec, global_batch=4))

@@ -7,6 +7,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import mimo_config, tiny_config
 from flax import nnx
 from hf_models import (
   IMAGE,
@@ -33,6 +34,7 @@ from mm_jax.train import batches
 from mm_jax.train import state as state_lib
 from mm_jax.train import workdir as workdir_lib
 from mm_jax.train.checkpoint import Checkpointer
+from mm_jax.train.loop import outputs_note
 
 TOL = 1e-5
 
@@ -138,6 +140,22 @@ def test_export_refuses_what_llava_cannot_express(tmp_path, tiny):
   workdir_lib.write_config(cfg, str(tmp_path))
   with pytest.raises(ConfigError, match="config.model.projector.kind: 'linear'"):
     hf.export(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_a_model_no_class_holds_is_refused_in_one_line_and_never_offered(tmp_path, capsys):
+  cfg = mimo_config()
+  workdir_lib.write_config(cfg, str(tmp_path))
+  with pytest.raises(SystemExit) as e:
+    hf.main(["export", f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}"])
+  assert e.value.code == 1  # a config error, as main.py's (docs/reliability.md)
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "config error: config.model.modalities: ('video', 'audio'): no transformers class"), err
+  # The run's closing lines offer the export only where it works.
+  assert not hf_export.exportable(cfg.model) and hf_export.exportable(tiny_config().model)
+  assert "mm_jax.interop.hf export" not in outputs_note("w", 4, True, exportable=False)
+  assert outputs_note("w", 4, True).splitlines()[-1] == (
+      "  export:     python -m mm_jax.interop.hf export --workdir=w --out=w_hf")
 
 
 def test_import_refuses_rows_past_the_vocabulary_that_are_not_zero(tmp_path):

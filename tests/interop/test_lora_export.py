@@ -159,15 +159,16 @@ def test_export_refuses_unmerged_adapters(tmp_path, tiny):
     hf_export.export_model(_abstract_lora_model(cfg), cfg, str(tmp_path))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--peft_out=P"], r"error: config.lora.rank: 0 in .*: the run has no LoRA adapters"),
-    ([], r"error: export needs --out and/or --peft_out"),
+@pytest.mark.parametrize("args,code,message", [
+    (["--peft_out=P"], 1, r"config error: config.lora.rank: 0 in .*: the run has no LoRA "
+     "adapters"),
+    ([], 2, r"error: export needs --out and/or --peft_out"),  # argparse's usage error
 ])
-def test_cli_errors_exit_with_a_message(tmp_path, tiny, capsys, args, message):
+def test_cli_errors_exit_with_a_message(tmp_path, tiny, capsys, args, code, message):
   workdir_lib.write_config(tiny(), str(tmp_path))
   with pytest.raises(SystemExit) as e:
     hf.main(["export", f"--workdir={tmp_path}", *args])
-  assert e.value.code == 2
+  assert e.value.code == code
   err = capsys.readouterr().err
   assert "Traceback" not in err
   assert re.search(message, err), err

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ from conftest import tiny_config
 
 from mm_jax.data import pipeline
 from mm_jax.train import evaluate, loop
+from mm_jax.train.checkpoint import Checkpointer
 
 CFG = {"train.batch_size": 8, "train.steps": 40, "train.log_every": 5, "checkpoint.every": 10,
        "data.num_train": 96, "data.num_eval": 32,
@@ -59,6 +61,16 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
   cfg = tiny_config(**{**CFG, "train.steps": 30, "checkpoint.keep": 2})
   loop.train(cfg, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["20", "30"]
+
+
+def test_a_read_only_checkpointer_logs_no_orbax_warning(tmp_path, caplog):
+  """--mode=eval, --mode=generate and export open checkpoints read-only: orbax's warnings
+  about that choice (save_interval_steps, "Given directory is read only") are not news."""
+  cfg = tiny_config().checkpoint
+  Checkpointer(str(tmp_path), cfg).close()
+  with caplog.at_level(logging.INFO):
+    Checkpointer(str(tmp_path), cfg, read_only=True).close()
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path):

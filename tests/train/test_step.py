@@ -8,7 +8,9 @@ from conftest import tiny_config
 from drivers import losses_on_mesh
 from flax import nnx
 
-from mm_jax import sharding
+from configs import llava
+from mm_jax import run, sharding
+from mm_jax.config import ConfigError
 from mm_jax.data import pipeline
 from mm_jax.train import batches
 from mm_jax.train import state as state_lib
@@ -61,13 +63,42 @@ def test_loss_counts_only_masked_tokens():
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
 
 
-def test_micro_batches_must_split_over_data_parallel_devices():
+@pytest.mark.parametrize("batch, accum, micro_batches, message", [
+    (10, 1, True, "config.train.batch_size: 10 does not split over 4 data-parallel devices "
+     "(mesh data x fsdp): it must be a multiple of 4 (nearest: 8 or 12)"),
+    (2, 1, True, "config.train.batch_size: 2 does not split over 4 data-parallel devices "
+     "(mesh data x fsdp): it must be a multiple of 4 (nearest: 4)"),
+    (8, 4, True, "config.train.batch_size: 8 does not split into 4 micro-batches "
+     "(config.optim.grad_accum) over 4 data-parallel devices (mesh data x fsdp): it must be "
+     "a multiple of 4 x 4 = 16 (nearest: 16)"),
+    (12, 2, True, "config.train.batch_size: 12 does not split into 2 micro-batches "
+     "(config.optim.grad_accum) over 4 data-parallel devices (mesh data x fsdp): it must be "
+     "a multiple of 2 x 4 = 8 (nearest: 8 or 16)"),
+    (8, 4, False, None),  # eval: the whole batch over the devices, no micro-batches
+    (10, 1, False, "config.train.batch_size: 10 does not split over 4 data-parallel devices "
+     "(mesh data x fsdp): it must be a multiple of 4 (nearest: 8 or 12)"),
+])
+def test_batches_must_split_over_data_parallel_devices(batch, accum, micro_batches, message):
   from mm_jax import config as config_lib
 
-  cfg = tiny_config(**{"train.batch_size": 8, "optim.grad_accum": 4, "mesh.data": 4})
+  cfg = tiny_config(**{"train.batch_size": batch, "optim.grad_accum": accum, "mesh.data": 4})
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
-  with pytest.raises(config_lib.ConfigError, match="config.optim.grad_accum: micro-batch 2"):
-    batches.check_batch(cfg, mesh)
+  if message is None:
+    batches.check_batch(cfg, mesh, micro_batches=micro_batches)
+    return
+  with pytest.raises(config_lib.ConfigError) as e:
+    batches.check_batch(cfg, mesh, micro_batches=micro_batches)
+  assert str(e.value) == message
+
+
+def test_eval_mode_checks_the_runs_batch_on_this_hosts_devices(tmp_path):
+  """--mode=eval reads the run's batch size, maybe on another machine: one line, no
+  IndivisibleError from the first batch."""
+  cd = llava.get_config("tiny")
+  cd.train.batch_size = 12
+  with pytest.raises(ConfigError, match=r"^config\.train\.batch_size: 12 does not "
+                     r"split over 8 data-parallel devices .* \(nearest: 8 or 16\)$"):
+    run.main(cd, str(tmp_path), "eval")
 
 
 def test_a_nonfinite_update_applies_nothing():
