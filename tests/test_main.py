@@ -104,33 +104,6 @@ def test_tiny_learns_well_above_chance(tmp_path):
   assert abs(final["eval/vqa_accuracy"] - final["eval/accuracy"]) < 0.02, final
 
 
-def test_mimo_trains_evaluates_per_kind_and_answers_a_clip(tmp_path):
-  """configs/mimo.py:tiny end to end: train, eval per question kind, the drop_modality
-  ablation, and --mode=generate on a written clip (.avi frames + .wav sound)."""
-  from mm_jax.data import synthetic_av
-  from mm_jax.data.export import export_av_clips
-
-  w = str(tmp_path / "w")
-  args = ["--config=configs/mimo.py:tiny", f"--workdir={w}", "--config.train.steps=4",
-          "--config.train.log_every=2", "--config.train.batch_size=8",
-          "--config.data.num_eval=16", "--config.eval.generate=False"]
-  r = _main(*args)
-  assert r.returncode == 0, r.stderr[-3000:]
-  r = _main("--mode=eval", *args, "--config.eval.drop_modality=audio")
-  assert r.returncode == 0, r.stderr[-3000:]
-  result = json.load(open(os.path.join(w, "eval_4_drop_audio.json")))
-  assert set(result["accuracy"]) == {"video", "audio", "binding", "xor"}
-  # Per question too ("video/direction", ...): the kinds' totals are sums over these.
-  assert result["accuracy_by_question"] and set(result["accuracy_by_question"]) <= set(
-      synthetic_av.LABELS)
-  assert result["drop_modality"] == "audio"
-  clip = export_av_clips(str(tmp_path / "clips"), 1)[0]
-  r = _main("--mode=generate", *args, f"--video={clip['video']}", f"--audio={clip['audio']}",
-            f"--prompt={clip['question']}")
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert f"'{clip['question']}' -> " in r.stdout
-
-
 @pytest.mark.parametrize("case", ["file_workdir", "diverged"])
 def test_startup_and_divergence_errors_are_one_line_with_their_exit_code(tmp_path, case):
   """Exit codes of mm_jax/faults.py: 1 for a workdir that is a file, 3 for divergence."""
