@@ -53,8 +53,23 @@ def tiny():
   return tiny_config
 
 
+# The files that take minutes on 2 cores, longest first. pytest-xdist (--dist loadfile)
+# hands out files in collection order, so starting these first keeps one worker from being
+# left with a long file at the end while the other idles.
+SLOW_FILES = ("launch/test_local.py", "train/test_sharding.py", "test_docs_run.py",
+              "test_main.py", "train/test_faults.py", "train/test_lora.py", "test_bench.py",
+              "train/test_preemption.py", "train/test_checkpoint.py", "train/test_step.py")
+
+
+def _slow_rank(item) -> int:
+  path = item.nodeid.split("::")[0].removeprefix("tests/")
+  return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
+
+
 def pytest_collection_modifyitems(config, items):
-  """`gpu` tests need a CUDA device: skipped with that reason elsewhere, never silently."""
+  """Slow files first (above); `gpu` tests need a CUDA device: skipped with that reason
+  elsewhere, never silently."""
+  items.sort(key=_slow_rank)  # stable: each file keeps its own order
   if jax.default_backend() == "gpu":
     return
   reason = pytest.mark.skip(reason=f"needs a GPU (backend here: {jax.default_backend()})")

@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from mm_jax import cli
 from mm_jax import config as config_lib
 
 DOCS = pathlib.Path(__file__).parents[1] / "docs"
@@ -20,7 +21,7 @@ def _commands() -> list[tuple[str, str]]:
   for page in sorted(DOCS.glob("*.md")):
     text = page.read_text().replace("\\\n", " ")
     for line in re.findall(r"`(python main\.py [^`]+)`", text) + [
-        x for b in re.findall(r"```\n(.*?)```", text, flags=re.S) for x in b.splitlines()
+        x for b in re.findall(r"```(?:sh)?\n(.*?)```", text, flags=re.S) for x in b.splitlines()
         if x.startswith("python main.py")]:
       out.append((page.name, line))
   return out
@@ -40,7 +41,9 @@ def _config_of(command: str) -> config_lib.Config:
   """The typed config of a documented `python main.py ...` command, parsed with the real
   --config flag (its HF folders do not exist here: they would supply the tokenizer)."""
   argv = [a for a in shlex.split(command)[2:] if re.match(r"--(no)?config(\.|=)", a)]
-  assert argv and argv[0].startswith("--config="), command
+  if not argv or not argv[0].startswith("--config="):
+    # --mode=eval/generate on a workdir: its config.json, here the default config's keys.
+    argv = [f"--config={cli.DEFAULT_CONFIG}", *argv]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
                                   sys_argv=["main.py", *argv])
