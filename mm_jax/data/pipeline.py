@@ -137,7 +137,7 @@ def source_examples(data: DataConfig, spec: RowSpec, *, split: str):
 
 _MEDIA_KEYS = ("images", "image_valid", "video", "video_valid", "audio", "audio_valid",
                "audio_frames")
-_VALID = {"images": "image_valid", "video": "video_valid", "audio": "audio_valid"}
+MEDIA_VALID = {"images": "image_valid", "video": "video_valid", "audio": "audio_valid"}
 
 
 def collate(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -165,7 +165,7 @@ def _row_from_packed(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   row = {"tokens": p["tokens"], "targets": p["targets"],
          "loss_mask": p["loss_mask"].astype(bool), "segment_ids": p["tokens_segment_ids"],
          "positions": p["tokens_positions"]}
-  for key, valid in _VALID.items():
+  for key, valid in MEDIA_VALID.items():
     if key in p:
       row[key], row[valid] = p[key], p[f"{key}_segment_ids"] > 0
   for key in ("audio_frames", "kind"):
@@ -182,9 +182,11 @@ def read_threads(data: DataConfig) -> int:
   return 1 if data.embedded else 16
 
 
-def _iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,
-              global_batch: int, stats: skips.SkipStats, *, with_kind: bool = False,
-              drop_remainder: bool = True) -> grain.DatasetIterator:
+def batch_iterator(items: grain.MapDataset, make: Callable, data: DataConfig, spec: RowSpec,
+                   global_batch: int, stats: skips.SkipStats, *, with_kind: bool = False,
+                   drop_remainder: bool = True) -> grain.DatasetIterator:
+  """Records -> this process's packed batches: read threads, the skip filter, the packer
+  (train_iterator, eval_iterator and data/survey.py's check all go through here)."""
   pc, pi = jax.process_count(), jax.process_index()
   if global_batch % pc:
     raise ValueError(f"config.train.batch_size {global_batch} not divisible by {pc} processes")
@@ -218,7 +220,7 @@ def train_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int, seed: 
   if not (data.source == "synthetic_av" and data.curriculum_samples):
     items = items.shuffle(seed=seed)
   items = items.repeat(None)
-  return _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
+  return batch_iterator(items, make, data, spec, global_batch, stats or skips.SkipStats())
 
 
 def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int,
@@ -234,7 +236,7 @@ def eval_iterator(data: DataConfig, spec: RowSpec, *, global_batch: int,
   """
   data = dataclasses.replace(data, pack=False)
   items, make = source_examples(data, spec, split="eval")
-  it = _iterator(items, make, data, spec, global_batch, stats or skips.SkipStats(),
+  it = batch_iterator(items, make, data, spec, global_batch, stats or skips.SkipStats(),
                  with_kind=True, drop_remainder=False)
   steps = eval_steps(len(items), global_batch, jax.process_count())
   if max_batches:

@@ -1,7 +1,7 @@
 """One pass over a data set through the run's own pipeline, watched: what `check` reports.
 
 `survey` builds the configured source with `pipeline.source_examples` and feeds it through
-`pipeline._iterator` (grain read threads, the skip filter, the first-fit packer, batches),
+`pipeline.batch_iterator` (grain read threads, the skip filter, the first-fit packer, batches),
 exactly as a training run does, with one difference: the example maker is wrapped by
 `_Watch`, which notes each sample's outcome (its skip reason, or its placeholders and
 media items) on the way past. So a record is skipped here iff the run would skip it.
@@ -161,12 +161,12 @@ def survey(cfg: Config, spec: RowSpec, split: str, items: grain.MapDataset,
   # this process so that _Watch's notes land here.
   data = dataclasses.replace(data, strict=False, max_skip_fraction=1.0, worker_count=0)
   watch = _Watch(make, _measure(cfg, spec, split), spec, out)
-  batches = pipeline._iterator(items, watch, data, spec, cfg.train.batch_size, out.stats,
+  batches = pipeline.batch_iterator(items, watch, data, spec, cfg.train.batch_size, out.stats,
                                with_kind=split != "train", drop_remainder=False)
   for batch in batches:
     out.rows += len(batch["tokens"])
     out.tokens_used += int((batch["segment_ids"] > 0).sum())
     for m, (key, _, _) in spec.media().items():
-      valid = pipeline._VALID[key]
+      valid = pipeline.MEDIA_VALID[key]
       out.slots_used[m] = out.slots_used.get(m, 0) + int(batch[valid].sum())
   return out
